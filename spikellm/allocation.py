@@ -1,0 +1,95 @@
+"""Step allocation: saliency scores -> per-channel GIF step counts, and what an allocation costs.
+
+The top `ratio` fraction of channels (by score, or chosen at random) get `steps` GIF steps,
+all others one. Cost is counted in "equal steps" (mean steps per channel, weighted by the
+parameters behind each channel) and in ACE (method.md §7.4): a MAC between an i-bit and a
+j-bit operand costs i*j bit-operations; a channel with T steps of b bits counts T*b.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .saliency import random_saliency
+
+
+def n_salient(n_channels: int, ratio: float) -> int:
+    """Number of salient channels: round(ratio * n), as the official code's n - int(low_p*n)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return int(round(ratio * n_channels))
+
+
+def salient_mask(scores: torch.Tensor, ratio: float, select: str = "saliency", seed: int = 0) -> torch.Tensor:
+    """bool [C]: True for the top `ratio` channels by score (`select="saliency"`) or for a seeded
+    random subset of the same size (`select="random"`)."""
+    n = scores.numel()
+    k = n_salient(n, ratio)
+    mask = torch.zeros(n, dtype=torch.bool)
+    if k == 0:
+        return mask
+    if select == "saliency":
+        idx = torch.topk(scores.float().flatten().cpu(), k).indices
+    elif select == "random":
+        idx = torch.topk(random_saliency(n, seed), k).indices
+    else:
+        raise ValueError(f"select must be 'saliency' or 'random', got {select!r}")
+    mask[idx] = True
+    return mask
+
+
+def allocate_steps(scores: torch.Tensor, ratio: float, steps: int, select: str = "saliency",
+                   seed: int = 0) -> torch.Tensor:
+    """(scores [C], ratio, steps, select) -> int steps per channel [C] (salient: `steps`, else 1)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    mask = salient_mask(scores, ratio, select, seed)
+    out = torch.ones(scores.numel(), dtype=torch.long)
+    out[mask] = steps
+    return out
+
+
+@dataclass
+class LayerCost:
+    """Cost of one linear layer per token: C_out x C_in MACs, bit-widths per input channel."""
+    name: str
+    c_out: int
+    c_in: int
+    #: equal steps: mean over input channels of the steps of each weight column
+    avg_steps: float
+    #: Σ_j C_out * w_bits_j * a_bits_j   (bit-operations per token)
+    ace: float
+    fp16_ace: float
+    additive_fraction: float  # share of MACs that need no multiplier (ternary/binary spikes)
+
+
+def layer_cost(name: str, c_out: int, c_in: int, steps: torch.Tensor, bits_per_step: float,
+               act_bits: float, additive: torch.Tensor | bool = False,
+               extra_bits: torch.Tensor | None = None) -> LayerCost:
+    """steps [C_in] GIF steps per weight column of `bits_per_step` bits each, activations at
+    `act_bits`. `extra_bits` [C_in] optionally overrides w_bits per column (PB-LLM's 8-bit
+    salient weights, given as the column's mean bits)."""
+    steps = steps.float()
+    w_bits = steps * bits_per_step if extra_bits is None else extra_bits.float()
+    ace = float(c_out * (w_bits * act_bits).sum())
+    add = torch.as_tensor(additive, dtype=torch.float32)
+    add_frac = float(add.float().mean()) if add.numel() > 1 else float(add)
+    return LayerCost(name, c_out, c_in, float(steps.mean()), ace, float(c_out * c_in * 16 * 16),
+                     add_frac)
+
+
+def total_cost(layers: list[LayerCost]) -> dict[str, float]:
+    """Totals over layers, weighted by parameter count."""
+    params = sum(layer.c_out * layer.c_in for layer in layers)
+    if params == 0:
+        return {"avg_steps": 1.0, "ace": 0.0, "ace_rel_fp16": 0.0, "additive_fraction": 0.0}
+    ace = sum(layer.ace for layer in layers)
+    fp16 = sum(layer.fp16_ace for layer in layers)
+    return {
+        "avg_steps": sum(layer.avg_steps * layer.c_out * layer.c_in for layer in layers) / params,
+        "ace": ace,
+        "ace_rel_fp16": ace / fp16,
+        "additive_fraction": sum(layer.additive_fraction * layer.c_out * layer.c_in
+                                 for layer in layers) / params,
+    }

@@ -1,0 +1,66 @@
+"""Typed configuration of the weight-quantization verb (no Hydra: plain dataclasses)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("rtn", "gptq", "pbllm")
+SPIKING_MODES = ("none", "ternary")
+SELECT = ("saliency", "random")
+
+
+@dataclass
+class QuantConfig:
+    """How weights are quantized. `method`: rtn (no error feedback), gptq, pbllm."""
+    method: str = "gptq"
+    wbits: int = 4
+    #: columns per quantization group; 0 = one grid per output row (per-channel)
+    group_size: int = 0
+    sym: bool = False
+    mse: bool = False
+    actorder: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+    #: quantize q/k/v, o, gate/up, down in order, each on inputs from the already-quantized ones
+    true_sequential: bool = True
+    #: PB-LLM: fraction of weights kept at `high_bits` (1 - low_frac)
+    salient_frac: float = 0.05
+    high_bits: int = 8
+
+
+@dataclass
+class SpikingConfig:
+    """SpikeLLM spiking weights. `mode=ternary`: every weight column is a T-step ternary GIF;
+    the top `ratio` of columns by Hessian saliency (or at random) get `steps` steps, the rest 1."""
+    mode: str = "none"
+    ratio: float = 0.0
+    steps: int = 1
+    select: str = "saliency"
+    #: "own": salient columns get their own MSE threshold; "shared": the normal columns' one
+    salient_scale: str = "own"
+    #: weight the threshold search by the OBS column importance 1/U_jj²
+    weighted: bool = False
+    seed: int = 0
+    #: bits counted per ternary spike in ACE (a ±1/0 spike is one signed accumulate)
+    spike_bits: float = 1.0
+
+
+def validate(q: QuantConfig, s: SpikingConfig) -> None:
+    """Raise ValueError naming the first bad key and its allowed values."""
+    checks = [
+        (q.method in METHODS, "quant.method", f"one of {', '.join(METHODS)}", q.method),
+        (1 <= q.wbits <= 16, "quant.wbits", "an integer in 1..16", q.wbits),
+        (q.group_size >= 0 or q.group_size == -1, "quant.group_size", "0 (per-channel) or a positive column count", q.group_size),
+        (q.blocksize >= 1, "quant.blocksize", ">= 1", q.blocksize),
+        (0 <= q.percdamp < 1, "quant.percdamp", "in [0, 1)", q.percdamp),
+        (0 <= q.salient_frac <= 1, "quant.salient_frac", "in [0, 1]", q.salient_frac),
+        (2 <= q.high_bits <= 16, "quant.high_bits", "in 2..16", q.high_bits),
+        (s.mode in SPIKING_MODES, "spiking.mode", f"one of {', '.join(SPIKING_MODES)}", s.mode),
+        (0 <= s.ratio <= 1, "spiking.ratio", "in [0, 1]", s.ratio),
+        (1 <= s.steps <= 64, "spiking.steps", "an integer in 1..64", s.steps),
+        (s.select in SELECT, "spiking.select", f"one of {', '.join(SELECT)}", s.select),
+        (s.salient_scale in ("own", "shared"), "spiking.salient_scale", "own or shared", s.salient_scale),
+        (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),
+    ]
+    for ok, key, allowed, value in checks:
+        if not ok:
+            raise ValueError(f"{key}={value!r} is invalid: must be {allowed}")

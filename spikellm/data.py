@@ -1,0 +1,200 @@
+"""Calibration and evaluation text, tokenized and windowed as the GPTQ/OmniQuant protocol does.
+
+Text comes from a local data directory (the layout of `../shared/data`, see its README) or,
+when no directory is given and the machine is online, from the standard HF datasets. Every
+loader returns one string built exactly as GPTQ builds it (`"\\n\\n".join(rows)` for
+WikiText-2, `" ".join(sentences)` for PTB); the text is tokenized in one call and then cut
+into non-overlapping `seqlen` windows (evaluation) or seeded random windows (calibration).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DATASETS = ("wikitext2", "ptb", "c4")
+
+# dataset -> split -> file under the data directory
+LOCAL_FILES = {
+    "wikitext2": {"validation": "wikitext-2-raw-v1/wiki.valid.raw",
+                  "test": "wikitext-2-raw-v1/wiki.test.raw"},
+    "ptb": {"validation": "ptb/ptb.valid.txt", "test": "ptb/ptb.test.txt"},
+    "c4": {"train": "c4/c4_train_part_of_0.json", "validation": "c4/c4_valid_part_of_0.json"},
+}
+
+
+class DataError(RuntimeError):
+    """A data file is missing or unreadable; the message names the directory and the file."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """`data_dir` if given, else `$SPIKELLM_DATA_DIR`, else None (use the HF hub)."""
+    d = data_dir or os.environ.get("SPIKELLM_DATA_DIR")
+    return Path(d).expanduser().resolve() if d else None
+
+
+def _local_file(dataset: str, split: str, data_dir: Path) -> Path:
+    try:
+        rel = LOCAL_FILES[dataset][split]
+    except KeyError:
+        have = ", ".join(f"{d}/{s}" for d in LOCAL_FILES for s in LOCAL_FILES[d])
+        raise DataError(f"no local file for {dataset}/{split}; available: {have}") from None
+    path = data_dir / rel
+    if not path.exists():
+        raise DataError(f"missing data file {rel} in data directory {data_dir} "
+                        f"(set paths.data_dir or SPIKELLM_DATA_DIR to a directory that has it)")
+    return path
+
+
+def wikitext_rows(raw: str) -> list[str]:
+    """HF `wikitext-2-raw-v1` rows from a `wiki.*.raw` file: line + "\\n", blank (" ") -> ""."""
+    lines = raw.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    return ["" if line.strip() == "" else line + "\n" for line in lines]
+
+
+def read_c4_documents(path: Path) -> list[str]:
+    """Decode the truncated C4 JSON array record by record; stop at the first broken record."""
+    text = path.read_text(encoding="utf-8")
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    docs = []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        docs.append(obj["text"])
+    return docs
+
+
+def load_rows(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Rows of a dataset split as the HF dataset gives them (documents for C4, sentences for PTB)."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        path = _local_file(dataset, split, root)
+        if dataset == "wikitext2":
+            return wikitext_rows(path.read_text(encoding="utf-8"))
+        if dataset == "ptb":
+            return [line.strip() for line in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
+        return read_c4_documents(path)
+    return _load_rows_hub(dataset, split)
+
+
+def _load_rows_hub(dataset: str, split: str) -> list[str]:
+    try:
+        from datasets import load_dataset
+        if dataset == "wikitext2":
+            return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+        if dataset == "ptb":
+            return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+        shard = {"train": "en/c4-train.00000-of-01024.json.gz",
+                 "validation": "en/c4-validation.00000-of-00008.json.gz"}[split]
+        return list(load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"])
+    except Exception as e:  # offline, no hub access, ...
+        raise DataError(f"cannot load {dataset}/{split} from the HF hub ({type(e).__name__}); "
+                        f"set paths.data_dir or SPIKELLM_DATA_DIR to a local data directory") from e
+
+
+def joined_text(dataset: str, split: str, data_dir=None) -> str:
+    """The single evaluation string of the GPTQ protocol."""
+    rows = load_rows(dataset, split, data_dir)
+    return " ".join(rows) if dataset == "ptb" else "\n\n".join(rows)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """One tokenizer call on the whole text -> LongTensor [1, n_tokens]."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
+    return ids.long()
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows: ids [1, n] -> [n // seqlen, seqlen]; the remainder is dropped."""
+    n = ids.shape[1] // seqlen
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"text of {ids.shape[1]} tokens is shorter than one window of {seqlen}")
+    return ids[0, : n * seqlen].view(n, seqlen)
+
+
+def calib_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """GPTQ calibration: `random.seed(seed)`; each window starts at randint(0, n - seqlen - 1).
+
+    ids [1, n] -> [nsamples, seqlen].
+    """
+    n = ids.shape[1]
+    if n <= seqlen + 1:
+        raise DataError(f"calibration text of {n} tokens is too short for windows of {seqlen}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(nsamples):
+        i = rng.randint(0, n - seqlen - 1)
+        out.append(ids[0, i: i + seqlen])
+    return torch.stack(out)
+
+
+def c4_calib_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """GPTQ C4 calibration: a random document longer than seqlen, then a random window in it."""
+    rng = random.Random(seed)
+    out = []
+    long_enough = 0
+    for _ in range(100000):
+        if len(out) == nsamples:
+            break
+        doc = docs[rng.randint(0, len(docs) - 1)]
+        ids = tokenizer(doc, return_tensors="pt").input_ids
+        if ids.shape[1] <= seqlen:
+            continue
+        long_enough += 1
+        i = rng.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[0, i: i + seqlen])
+    if len(out) < nsamples:
+        raise DataError(f"C4 documents yield only {len(out)} windows of {seqlen} tokens")
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which text calibrates: `dataset`/`split`, `nsamples` windows of `seqlen` tokens, `seed`."""
+    dataset: str = "wikitext2"
+    split: str = "validation"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 2
+
+
+def calibration_set(tokenizer, spec: CalibSpec, data_dir=None) -> torch.Tensor:
+    """[nsamples, seqlen] token ids for calibration."""
+    if spec.dataset == "c4":
+        return c4_calib_windows(tokenizer, load_rows("c4", spec.split, data_dir),
+                                spec.nsamples, spec.seqlen, spec.seed)
+    ids = tokenize(tokenizer, joined_text(spec.dataset, spec.split, data_dir))
+    return calib_windows(ids, spec.nsamples, spec.seqlen, spec.seed)
+
+
+def c4_eval_windows(tokenizer, docs: list[str], seqlen: int, nsamples: int = 256, seed: int = 0) -> torch.Tensor:
+    """GPTQ "c4" evaluation: `random.seed(0)`, 256 random documents with > seqlen tokens, one
+    random window each. On a partial shard (the local copy) the windows differ from the paper's."""
+    return c4_calib_windows(tokenizer, docs, nsamples, seqlen, seed)
+
+
+def evaluation_set(tokenizer, dataset: str, seqlen: int, max_windows: int | None = None,
+                   split: str = "test", data_dir=None) -> torch.Tensor:
+    """[n_windows, seqlen] token ids of the evaluation split (C4: validation, 256 windows)."""
+    if dataset == "c4":
+        n = min(256, max_windows) if max_windows else 256
+        return c4_eval_windows(tokenizer, load_rows("c4", "validation", data_dir), seqlen, n)
+    ids = tokenize(tokenizer, joined_text(dataset, split, data_dir))
+    return eval_windows(ids, seqlen, max_windows)

@@ -1,0 +1,128 @@
+"""`quantize(model, calib_ids, QuantConfig, SpikingConfig)`: weight-only post-training
+quantization of every decoder-block linear, block by block (GPTQ pipeline, method.md §5).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .allocation import LayerCost, allocate_steps, layer_cost, total_cost
+from .blockwise import (BlockInputs, InputCollector, ModuleStats, forward_block, peak_memory_gb,
+                        run_blockwise)
+from .config import QuantConfig, SpikingConfig, validate
+from .gptq import HessianAccumulator, gptq_solve
+from .models import FamilySpec, family_of, get_module
+from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
+from .saliency import hessian_column_saliency, inverse_hessian_cholesky
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run did: per-module stats, per-layer cost, totals."""
+    stats: list[ModuleStats]
+    costs: list[LayerCost]
+    seconds: float
+    cost: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.Tensor,
+                    seed: int):
+    """Returns (quantizer, steps per column [C_in], extra_bits per column or None)."""
+    C_in = W.shape[1]
+    if q.method == "pbllm":
+        pq = PBLLMQuantizer(q.salient_frac, q.high_bits)
+        pq.prepare(W.float(), U)
+        bits = (pq.mask.float() * q.high_bits + (~pq.mask).float()).mean(0)
+        return pq, torch.ones(C_in, dtype=torch.long), bits, pq.mask.float().mean(0)
+    if s.mode == "ternary":
+        scores = hessian_column_saliency(W, U)
+        steps = allocate_steps(scores, s.ratio, s.steps, s.select, seed)
+        return (TernaryGIFQuantizer(steps, q.group_size, s.salient_scale, s.weighted),
+                steps, None, None)
+    return UniformQuantizer(q.wbits, q.group_size, q.sym, q.mse), torch.ones(C_in, dtype=torch.long), None, None
+
+
+def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: QuantConfig,
+                    s: SpikingConfig, seed: int = 0, log=print) -> tuple[dict, LayerCost]:
+    """Quantize one linear in place. H [C_in, C_in] from calibration (None: RTN, no Hessian)."""
+    W = layer.weight.data
+    Hd = torch.eye(W.shape[1], device=W.device) if H is None else H.clone()
+    Hd[torch.diag(Hd) == 0, torch.diag(Hd) == 0] = 1
+    U, _ = inverse_hessian_cholesky(Hd, q.percdamp)
+    quantizer, steps, extra_bits, high_frac = _make_quantizer(q, s, W.float(), U, seed)
+    notes = []
+    res = gptq_solve(W, H, quantizer, blocksize=q.blocksize, percdamp=q.percdamp,
+                     actorder=q.actorder, error_feedback=q.method != "rtn",
+                     on_damp=lambda d: notes.append(
+                         f"{name}: Cholesky failed, retrying with damping {d:g}"))
+    for n in notes:
+        log(n)
+    layer.weight.data = res.Q.to(W.dtype)
+    ternary = s.mode == "ternary"
+    bits_per_step = s.spike_bits if ternary else (1.0 if q.method == "pbllm" else q.wbits)
+    additive = True if ternary else (1 - high_frac if high_frac is not None else False)
+    cost = layer_cost(name, W.shape[0], W.shape[1], steps, bits_per_step, 16.0,
+                      additive=additive, extra_bits=extra_bits)
+    return {"loss": res.loss, "recon_error": res.recon_error, "seconds": res.seconds,
+            "damp": res.damp, "avg_steps": float(steps.float().mean()), "notes": notes}, cost
+
+
+def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int,
+                     costs: list, notes: list, log):
+    groups = spec.sequential if q.true_sequential else (spec.linears(),)
+
+    def algorithm(i: int, block: nn.Module, inputs: BlockInputs) -> list[ModuleStats]:
+        rows = []
+        for group in groups:
+            linears = {name: get_module(block, name) for name in group}
+            hessians = {name: HessianAccumulator(m.in_features, device=m.weight.device)
+                        for name, m in linears.items()}
+            if q.method != "rtn" or s.mode == "ternary":
+                with InputCollector(linears, lambda n, x: hessians[n].add_batch(x)):
+                    forward_block(block, inputs, batch_size, collect_only=True)
+            for k, (name, layer) in enumerate(linears.items()):
+                t0 = time.time()
+                H = hessians[name].H if hessians[name].nsamples else None
+                info, cost = quantize_linear(f"{i}.{name}", layer, H, q, s,
+                                             seed=s.seed * 100003 + i * 101 + k, log=log)
+                cost.name = f"{i}.{name}"
+                costs.append(cost)
+                notes.extend(info["notes"])
+                rows.append(ModuleStats(block=i, module=name, loss=info["loss"],
+                                        recon_error=info["recon_error"],
+                                        seconds=time.time() - t0,
+                                        samples=inputs.hidden.shape[0],
+                                        avg_steps=info["avg_steps"], damp=info["damp"],
+                                        peak_mem_gb=peak_memory_gb(layer.weight.device)))
+        return rows
+    return algorithm
+
+
+def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = None,
+             s: SpikingConfig | None = None, batch_size: int = 8, device="cpu",
+             progress: bool = True, log=print) -> QuantReport:
+    """Quantize all decoder-block linears of `model` in place.
+
+    calib_ids [N, seqlen] calibration token ids. Returns per-module stats and the cost of the
+    resulting allocation (equal steps, ACE relative to FP16, additive share)."""
+    q = q or QuantConfig()
+    s = s or SpikingConfig()
+    validate(q, s)
+    spec = family_of(model)
+    costs: list[LayerCost] = []
+    notes: list[str] = []
+    t0 = time.time()
+    stats = run_blockwise(model, spec, calib_ids, _block_algorithm(q, s, spec, batch_size, costs,
+                                                                   notes, log),
+                          device=device, batch_size=batch_size, progress=progress,
+                          desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}")
+    total = total_cost(costs)
+    # baseline: the same grid with one step everywhere (plain W-bit, or plain ternary / binary)
+    base_bits = s.spike_bits if s.mode == "ternary" else (1.0 if q.method == "pbllm" else q.wbits)
+    base = sum(c.c_out * c.c_in * base_bits * 16.0 for c in costs)
+    total["ace_rel_baseline"] = total["ace"] / base if base else 0.0
+    return QuantReport(stats=stats, costs=costs, seconds=time.time() - t0, cost=total, notes=notes)

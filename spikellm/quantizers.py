@@ -1,0 +1,182 @@
+"""Per-column weight quantizers driven by the GPTQ solver.
+
+Every quantizer sees the weight matrix W [C_out, C_in] one input column at a time (in the
+solver's column order) and returns the quantized column. Parameters that span several
+columns (a row scale, a group scale, a PB-LLM element mask) are fitted by `fit` at the
+first column of their span, from the solver's current, error-updated weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .gif import ternary_quant
+from .saliency import hessian_element_saliency
+
+
+def _shrink_grid(n: int = 80, lo: float = 0.02) -> torch.Tensor:
+    """Geometric grid of shrink factors in (lo, 1], finest near 1."""
+    return torch.logspace(math.log10(lo), 0.0, n)
+
+
+class ColumnQuantizer:
+    """Interface. `span` = columns covered by one `fit` (0 = all columns)."""
+    span: int = 0
+
+    def prepare(self, W: torch.Tensor, U: torch.Tensor) -> None:
+        """Called once with the (permuted) weights and U = chol(H⁻¹) before the column loop."""
+
+    def fit(self, j: int, cols: torch.Tensor) -> None:
+        """Fit parameters for columns j .. j+cols.shape[1]-1 from their current values."""
+
+    def quantize(self, j: int, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def needs_fit(self, j: int) -> bool:
+        return j == 0 if self.span <= 0 else j % self.span == 0
+
+
+class UniformQuantizer(ColumnQuantizer):
+    """RTN/GPTQ grid: `bits`-bit uniform, per output row (group_size 0) or per row and group of
+    `group_size` columns, symmetric or asymmetric min-max, optional MSE shrink search
+    (GPTQ's `mse=True`: grid 100, maxshrink 0.8, norm 2.4)."""
+
+    def __init__(self, bits: int, group_size: int = 0, sym: bool = False, mse: bool = False):
+        self.bits, self.sym, self.mse = bits, sym, mse
+        self.span = group_size if group_size and group_size > 0 else 0
+        self.maxq = 2 ** bits - 1
+
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [R, n] -> scale, zero [R, 1] (GPTQ's find_params, per channel)."""
+        zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        xmin = torch.minimum(x.min(1).values, zeros)
+        xmax = torch.maximum(x.max(1).values, zeros)
+        if self.sym:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = torch.where(xmin < 0, -xmax, xmin)
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin[both0], xmax[both0] = -1.0, 1.0
+        scale, zero = self._scale_zero(xmin, xmax)
+        if self.mse:
+            best = torch.full_like(xmin, float("inf"))
+            for i in range(int(0.8 * 100)):
+                p = 1 - i / 100
+                s1, z1 = self._scale_zero(p * xmin, p * xmax)
+                q = self._dq(x, s1.unsqueeze(1), z1.unsqueeze(1))
+                err = ((q - x).abs() ** 2.4).sum(1)
+                better = err < best
+                best[better], scale[better], zero[better] = err[better], s1[better], z1[better]
+        return scale.unsqueeze(1), zero.unsqueeze(1)
+
+    def _scale_zero(self, xmin, xmax):
+        scale = (xmax - xmin) / self.maxq
+        zero = torch.full_like(scale, (self.maxq + 1) / 2) if self.sym else torch.round(-xmin / scale)
+        return scale, zero
+
+    def _dq(self, x, scale, zero):
+        q = torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
+        return scale * (q - zero)
+
+    def fit(self, j, cols):
+        self.scale, self.zero = self._params(cols)
+
+    def quantize(self, j, w):
+        return self._dq(w, self.scale[:, 0], self.zero[:, 0])
+
+
+class TernaryGIFQuantizer(ColumnQuantizer):
+    """SpikeLLM ternary spiking weights: column j is a T_j-step bi-directional GIF, i.e. the
+    symmetric (2T_j+1)-level grid alpha * {-T_j..T_j}.
+
+    steps: int [C_in] GIF steps per column (solver order). Thresholds alpha are per output row
+    and per group of `group_size` columns (0: one per row). `salient_scale`:
+      - "shared": salient columns fire up to T times at the normal columns' threshold
+        (wider range, same step);
+      - "own": salient and normal columns get separate thresholds, each chosen by MSE for
+        their own T (the search decides between finer steps and wider range).
+    Each threshold minimises Σ (w - alpha*clip(round(w/alpha), -T, T))² over its columns,
+    optionally weighted by the Hessian diagonal (`weighted`).
+    """
+
+    def __init__(self, steps: torch.Tensor, group_size: int = 0, salient_scale: str = "own",
+                 weighted: bool = False):
+        self.steps = steps.long()
+        self.span = group_size if group_size and group_size > 0 else 0
+        if salient_scale not in ("shared", "own"):
+            raise ValueError("salient_scale must be 'shared' or 'own'")
+        self.salient_scale = salient_scale
+        self.weighted = weighted
+        self.hdiag = None
+
+    def prepare(self, W, U):
+        if self.weighted:
+            # diag(H) is not directly available from U; 1/diag(U)^2 = diag-of-inverse proxy of H
+            self.hdiag = 1.0 / torch.diag(U).float() ** 2
+
+    @staticmethod
+    def _search(x: torch.Tensor, T: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """x [R, n], T [n] -> alpha [R] minimising the (weighted) squared error."""
+        amax = x.abs().amax(1).clamp_min(1e-12)
+        tmax = T.max().float()
+        best_err = torch.full_like(amax, float("inf"))
+        best = amax / tmax
+        for p in _shrink_grid().to(x.device, x.dtype):
+            alpha = (p * amax / tmax).unsqueeze(1)
+            err = (x - ternary_quant(x, alpha, T.to(x.dtype))) ** 2
+            if weight is not None:
+                err = err * weight
+            err = err.sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, alpha[:, 0], best)
+        return best
+
+    def fit(self, j, cols):
+        n = cols.shape[1]
+        T = self.steps[j: j + n].to(cols.device)
+        wgt = None if self.hdiag is None else self.hdiag[j: j + n].to(cols.device).unsqueeze(0)
+        normal = T == 1
+        R = cols.shape[0]
+        self.alpha = torch.zeros(R, n, device=cols.device, dtype=cols.dtype)
+        if normal.any():
+            a = self._search(cols[:, normal], T[normal], None if wgt is None else wgt[:, normal])
+            self.alpha[:, normal] = a.unsqueeze(1)
+        if (~normal).any():
+            if self.salient_scale == "own" or not normal.any():
+                a = self._search(cols[:, ~normal], T[~normal],
+                                 None if wgt is None else wgt[:, ~normal])
+                self.alpha[:, ~normal] = a.unsqueeze(1)
+            else:
+                self.alpha[:, ~normal] = self.alpha[:, normal][:, :1]
+        self.j0 = j
+
+    def quantize(self, j, w):
+        return ternary_quant(w, self.alpha[:, j - self.j0], int(self.steps[j]))
+
+
+class PBLLMQuantizer(ColumnQuantizer):
+    """PB-LLM: a `salient_frac` fraction of weights (per element, Hessian metric W²/U_jj² over
+    the whole matrix) kept at `high_bits` (per-row asymmetric min-max), the rest binarized per
+    row around the mean of the non-salient weights: mean + a*sign(w - mean), a = mean|w - mean|.
+    Mask and binarization parameters are fitted once on the original weights (as PB-LLM does)."""
+
+    def __init__(self, salient_frac: float = 0.05, high_bits: int = 8):
+        self.salient_frac, self.high = salient_frac, UniformQuantizer(high_bits)
+
+    def prepare(self, W, U):
+        sal = hessian_element_saliency(W, U)
+        k = int(round(self.salient_frac * sal.numel()))
+        self.mask = torch.zeros_like(W, dtype=torch.bool)
+        if k > 0:
+            thr = torch.topk(sal.flatten(), k).values[-1]
+            self.mask = sal >= thr
+        low = ~self.mask
+        cnt = low.sum(1).clamp_min(1)
+        self.mean = (W * low).sum(1) / cnt
+        self.a = ((W - self.mean[:, None]).abs() * low).sum(1) / cnt
+        self.high.fit(0, W)
+
+    def quantize(self, j, w):
+        binar = self.mean + self.a * torch.sign(w - self.mean)
+        return torch.where(self.mask[:, j], self.high.quantize(j, w), binar)

@@ -1,0 +1,97 @@
+"""Optimal Brain Spiking saliency scores (method.md §3).
+
+- activations, first order: per input channel j of a linear W [C_out, C_in], the signed token
+  mean of x_j * (x WᵀW)_j over the calibration set (`ActivationSaliency`);
+- KV cache: the same metric with the other operand of the bilinear product as the "weight";
+- weights, second order: per input column j, Σ_i W_ij² / U_jj², U = chol(H⁻¹) upper, the OBS
+  cost of removing column j (`hessian_column_saliency`);
+- a seeded random baseline.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ActivationSaliency:
+    """Accumulates the first-order activation saliency of one linear layer.
+
+    `add_batch(x)` with x [..., C_in] (the layer's input) and the layer weight W [C_out, C_in];
+    `scores()` -> [C_in] signed mean over all tokens and samples of x ⊙ (x WᵀW).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach().float()
+        self.gram = w.t() @ w            # WᵀW [C_in, C_in]
+        self.total = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.total += ((x @ self.gram) * x).sum(0).double()
+        self.tokens += x.shape[0]
+
+    def scores(self) -> torch.Tensor:
+        return (self.total / max(self.tokens, 1)).float()
+
+
+def activation_saliency(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One-shot form of `ActivationSaliency`: x [..., C_in], W [C_out, C_in] -> [C_in]."""
+    acc = ActivationSaliency(weight)
+    acc.add_batch(x)
+    return acc.scores()
+
+
+def kv_saliency(x1: torch.Tensor, x2: torch.Tensor, operand: str) -> torch.Tensor:
+    """Saliency of the spiked operand of a bilinear product (method.md §3.2).
+
+    operand="k": x1 = Q [b,h,l,d], x2 = Kᵀ [b,h,d,l] -> [h, d] (per head, head-dim channel);
+    operand="v": x1 = P [b,h,l,l], x2 = V [b,h,l,d] -> [h, d].
+    """
+    x1, x2 = x1.double(), x2.double()
+    s = ((x1.transpose(-1, -2) @ x1) @ x2) * x2
+    if operand == "k":
+        return s.mean(dim=-1).mean(0).float()   # over tokens (last axis of Kᵀ), then batch
+    if operand == "v":
+        return s.mean(dim=-2).mean(0).float()
+    raise ValueError("operand must be 'k' or 'v'")
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6,
+                             on_retry=None) -> tuple[torch.Tensor, float]:
+    """U = chol(H⁻¹) upper for H + λ·mean(diag H)·I, raising λ tenfold on failure.
+
+    H [C, C] (float32/64, dead channels already handled). Returns (U, λ used). `on_retry(λ)`
+    is called for each retry so the caller can say so."""
+    damp = percdamp
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_tries):
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            U = torch.linalg.cholesky(Hinv, upper=True)
+            if torch.isfinite(U).all():
+                return U, damp
+        except torch.linalg.LinAlgError:
+            pass
+        damp = damp * 10 if damp > 0 else 1e-4
+        if on_retry is not None:
+            on_retry(damp)
+    raise torch.linalg.LinAlgError(f"Cholesky failed even with damping {damp}")
+
+
+def hessian_column_saliency(W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Σ_i W_ij² / U_jj²: W [C_out, C_in], U = chol(H⁻¹) upper [C_in, C_in] -> [C_in]."""
+    return (W.float() ** 2).sum(0) / torch.diag(U).float() ** 2
+
+
+def hessian_element_saliency(W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """PB-LLM's per-element metric W_ij² / U_jj² -> [C_out, C_in]."""
+    return W.float() ** 2 / torch.diag(U).float().unsqueeze(0) ** 2
+
+
+def random_saliency(n: int, seed: int) -> torch.Tensor:
+    """Seeded uniform scores [n]: the random-selection baseline."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g)
