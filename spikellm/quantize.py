@@ -57,8 +57,7 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Quan
     notes = []
     res = gptq_solve(W, H, quantizer, blocksize=q.blocksize, percdamp=q.percdamp,
                      actorder=q.actorder, error_feedback=q.method != "rtn",
-                     on_damp=lambda d: notes.append(
-                         f"{name}: Cholesky failed, retrying with damping {d:g}"))
+                     on_damp=lambda msg: notes.append(f"{name}: {msg}"))
     for n in notes:
         log(n)
     layer.weight.data = res.Q.to(W.dtype)

@@ -61,24 +61,26 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries:
                              on_retry=None) -> tuple[torch.Tensor, float]:
     """U = chol(H⁻¹) upper for H + λ·mean(diag H)·I, raising λ tenfold on failure.
 
-    H [C, C] (float32/64, dead channels already handled). Returns (U, λ used). `on_retry(λ)`
-    is called for each retry so the caller can say so."""
+    H [C, C] (float32/64, dead channels already handled). Returns (U, λ used). `on_retry(msg)`
+    is told about each retry. If every damping fails, U = I / sqrt(mean diag H) (no error
+    feedback: round-to-nearest for this layer) and λ = inf; the run never crashes here."""
     damp = percdamp
-    mean_diag = torch.diag(H).mean()
+    mean_diag = torch.diag(H).abs().mean().clamp_min(1e-8)
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for attempt in range(max_tries):
+    for _ in range(max_tries):
         try:
             L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            Hinv = torch.cholesky_inverse(L)
-            U = torch.linalg.cholesky(Hinv, upper=True)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
             if torch.isfinite(U).all():
                 return U, damp
         except torch.linalg.LinAlgError:
             pass
         damp = damp * 10 if damp > 0 else 1e-4
         if on_retry is not None:
-            on_retry(damp)
-    raise torch.linalg.LinAlgError(f"Cholesky failed even with damping {damp}")
+            on_retry(f"Cholesky failed, retrying with damping {damp:g}")
+    if on_retry is not None:
+        on_retry("Cholesky failed at every damping: this layer falls back to round-to-nearest")
+    return eye / mean_diag.sqrt(), float("inf")
 
 
 def hessian_column_saliency(W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Compose, type-check and validate a run configuration from Hydra overrides.
+
+We use Hydra's compose API and its override grammar (`key=value`, `group=option`, sweeps
+`a=1,2`, `range()`, `glob()`), so every error can be reported as one line naming the key.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from .schema import typed, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "quant", "spiking", "calib", "eval")
+
+
+class ConfigError(ValueError):
+    """A bad override or value; the message is one line that names the key and the fix."""
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra's basic-sweeper expansion: the cartesian product of every sweep override."""
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+    except Exception as e:  # hydra.errors.OverrideParseException
+        raise ConfigError(f"malformed override: {str(e).splitlines()[0]}") from None
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(p) for p in itertools.product(*axes)] if axes else [[]]
+
+
+def _check_groups(overrides: list[str]) -> None:
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if key in GROUPS and value:
+            options = group_options(key)
+            if value not in options:
+                raise ConfigError(f"{key}={value} is not a known option; choose one of: "
+                                  f"{', '.join(options)} (files in conf/{key}/)")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with `overrides`, merge into the typed schema, validate ranges,
+    and return the resolved config plus the group choices under `_choices`."""
+    _check_groups(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+    choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    with_hydra = OmegaConf.to_container(cfg, resolve=False)
+    with_hydra.pop("hydra", None)
+    try:
+        merged = typed(OmegaConf.create(with_hydra))
+        OmegaConf.resolve(merged)
+    except Exception as e:  # omegaconf ValidationError / ConfigKeyError
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    try:
+        validate(merged)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    OmegaConf.set_struct(merged, False)
+    merged["_choices"] = choices
+    merged["_overrides"] = list(overrides)
+    return merged
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable name: the group choices that differ from defaults, then the overrides."""
+    if cfg.name:
+        return str(cfg.name)
+    parts = [cfg._choices["model"], cfg._choices["quant"], cfg._choices["spiking"]]
+    extra = [o for o in cfg._overrides if o.split("=")[0] not in GROUPS]
+    parts += [o.replace("=", "") .replace("/", "_") for o in extra]
+    return "-".join(str(p) for p in parts)[:120]

@@ -1,0 +1,107 @@
+"""Typed schema of the composed config: types are checked by OmegaConf, ranges by `validate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from spikellm.config import QuantConfig, SpikingConfig
+from spikellm.config import validate as validate_method
+from spikellm.data import DATASETS
+
+
+@dataclass
+class Arch:
+    params_b: float = 0.0
+    layers: int = 0
+    hidden: int = 0
+    intermediate: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    vocab: int = 0
+
+
+@dataclass
+class Resources:
+    gpus: int = 0
+    cpus: int = 2
+    mem_gb: int = 8
+    time_min: int = 60
+
+
+@dataclass
+class ModelCfg:
+    name: str = "smollm2_135m"
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    family: str = "llama"
+    dtype: str = "float32"
+    arch: Arch = field(default_factory=Arch)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class CalibCfg:
+    dataset: str = "wikitext2"
+    split: str = "validation"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 2
+
+
+@dataclass
+class EvalCfg:
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: Optional[int] = None
+    batch_size: int = 4
+    fp_baseline: bool = True
+
+
+@dataclass
+class PathsCfg:
+    outputs: str = "outputs"
+    data_dir: Optional[str] = None
+    cache: Optional[str] = None
+
+
+@dataclass
+class RunCfg:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    spiking: SpikingConfig = field(default_factory=SpikingConfig)
+    calib: CalibCfg = field(default_factory=CalibCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    paths: PathsCfg = field(default_factory=PathsCfg)
+    name: Optional[str] = None
+    device: str = "auto"
+    batch_size: int = 8
+    progress: bool = True
+    save_model: bool = False
+
+
+def validate(cfg: Any) -> None:
+    """Range checks; raise ValueError naming the key, the bad value and the allowed values."""
+    c = cfg
+    checks = [
+        (c.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "float32, float16 or bfloat16", c.model.dtype),
+        (c.calib.dataset in DATASETS, "calib.dataset", f"one of {', '.join(DATASETS)}", c.calib.dataset),
+        (c.calib.nsamples >= 1, "calib.nsamples", ">= 1", c.calib.nsamples),
+        (c.calib.seqlen >= 16, "calib.seqlen", ">= 16", c.calib.seqlen),
+        (c.eval.seqlen >= 16, "eval.seqlen", ">= 16", c.eval.seqlen),
+        (c.eval.max_windows is None or c.eval.max_windows >= 1, "eval.max_windows", "null or >= 1", c.eval.max_windows),
+        (all(d in DATASETS for d in c.eval.datasets), "eval.datasets", f"a list drawn from {', '.join(DATASETS)}", list(c.eval.datasets)),
+        (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
+        (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", "auto, cpu, cuda or cuda:N", c.device),
+    ]
+    for ok, key, allowed, value in checks:
+        if not ok:
+            raise ValueError(f"{key}={value!r} is invalid: must be {allowed}")
+    validate_method(c.quant, c.spiking)
+
+
+def typed(cfg) -> Any:
+    """Merge a composed DictConfig into the schema (type errors and unknown keys raise)."""
+    base = OmegaConf.structured(RunCfg)
+    return OmegaConf.merge(base, cfg)

@@ -1,0 +1,55 @@
+import pytest
+
+from pipelines.config import ConfigError, compose_config, expand_sweep, group_options
+
+CONTRACT_KEYS = ["quant.wbits", "quant.group_size", "spiking.ratio", "spiking.steps",
+                 "spiking.select", "calib.nsamples", "calib.seqlen", "eval.seqlen",
+                 "eval.max_windows", "paths.outputs", "paths.data_dir"]
+
+
+@pytest.mark.parametrize("group", ["model", "quant", "spiking", "calib", "eval"])
+def test_every_config_option_composes_and_validates(group):
+    options = group_options(group)
+    assert options
+    for opt in options:
+        spiking = ["spiking=none"] if (group, opt) == ("quant", "pbllm") else []
+        cfg = compose_config([f"{group}={opt}", *spiking])
+        assert cfg._choices[group] == opt
+
+
+def test_required_models_exist_with_resources():
+    have = set(group_options("model"))
+    assert {"smollm2_135m", "llama7b", "llama13b", "llama2_7b", "llama2_13b", "llama2_70b",
+            "llama3_8b", "llama70b"} <= have
+    cfg = compose_config(["model=llama70b"])
+    assert cfg.model.arch.layers == 80 and cfg.model.resources.gpus >= 1
+
+
+def test_contract_keys_are_overridable():
+    from omegaconf import OmegaConf
+    values = ["3", "64", "0.1", "2", "random", "16", "256", "128", "5", "/tmp/o", "/tmp/d"]
+    cfg = compose_config([f"{k}={v}" for k, v in zip(CONTRACT_KEYS, values)])
+    for k, v in zip(CONTRACT_KEYS, values):
+        assert str(OmegaConf.select(cfg, k)) == v
+
+
+def test_model_path_comes_from_environment(monkeypatch):
+    monkeypatch.setenv("SPIKELLM_LLAMA2_7B_PATH", "/models/llama-2-7b")
+    assert compose_config(["model=llama2_7b"]).model.path == "/models/llama-2-7b"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("quant.wbits=0", "quant.wbits"), ("spiking.ratio=1.5", "spiking.ratio"),
+    ("model=nosuchmodel", "model"), ("spiking.select=best", "spiking.select"),
+    ("quant.wbits=abc", "quant.wbits"), ("calib.nsamples=0", "calib.nsamples"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        compose_config([override])
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sweep_expansion_uses_hydra_grammar():
+    pts = expand_sweep(["spiking.ratio=0,0.1", "spiking.select=saliency,random", "quant.wbits=3"])
+    assert len(pts) == 4 and all("quant.wbits=3" in p for p in pts)
+    assert len(expand_sweep(["spiking.steps=range(1,4)"])) == 3

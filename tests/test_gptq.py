@@ -1,0 +1,120 @@
+import torch
+
+from spikellm.blockwise import InputCollector, capture_block_inputs, forward_block
+from spikellm.config import QuantConfig, SpikingConfig
+from spikellm.gptq import HessianAccumulator, gptq_solve, reconstruction_error
+from spikellm.models import blocks_of, get_module
+from spikellm.quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
+from spikellm.saliency import inverse_hessian_cholesky
+
+
+def _rtn(W, bits, group_size=0):
+    return gptq_solve(W, None, UniformQuantizer(bits, group_size), error_feedback=False).Q
+
+
+def test_gptq_equals_rtn_when_hessian_is_identity():
+    torch.manual_seed(0)
+    W = torch.randn(64, 256)
+    for bits, gs in [(4, 0), (3, 0), (2, 64)]:
+        q_gptq = gptq_solve(W, torch.eye(256), UniformQuantizer(bits, gs)).Q
+        torch.testing.assert_close(q_gptq, _rtn(W, bits, gs))
+
+
+def test_rtn_grid_is_per_row_asymmetric_min_max():
+    W = torch.tensor([[-1.0, 0.0, 0.5, 2.0], [0.1, 0.2, 0.3, 0.4]])
+    Q = _rtn(W, 2)
+    # row 0: range [-1, 2], 4 levels of step 1 -> exact on -1, 0, 2 and 0.5 -> 0 or 1
+    assert torch.allclose(Q[0, [0, 1, 3]], torch.tensor([-1.0, 0.0, 2.0]))
+    assert len(torch.unique(Q[1])) <= 4
+
+
+def _real_linear_inputs(smollm, data_root, name="mlp.down_proj"):
+    from spikellm.data import CalibSpec, calibration_set
+    ids = calibration_set(smollm.tokenizer, CalibSpec("wikitext2", "validation", 4, 128, 0), data_root)
+    inputs = capture_block_inputs(smollm.model, smollm.spec, ids)
+    block = blocks_of(smollm.model, smollm.spec)[0]
+    layer = get_module(block, name)
+    acc = HessianAccumulator(layer.in_features)
+    xs = []
+    with InputCollector({name: layer}, lambda n, x: (acc.add_batch(x), xs.append(x))):
+        forward_block(block, inputs, 4, collect_only=True)
+    return layer.weight.data.clone(), acc.H, torch.cat(xs).reshape(-1, layer.in_features)
+
+
+def test_gptq_output_error_is_below_rtn_on_real_activations(smollm, data_root):
+    W, H, X = _real_linear_inputs(smollm, data_root)
+    for bits in (4, 3):
+        q_rtn = _rtn(W, bits)
+        res = gptq_solve(W, H, UniformQuantizer(bits))
+        err_rtn = ((X @ (W - q_rtn).t()) ** 2).mean()
+        err_gptq = ((X @ (W - res.Q).t()) ** 2).mean()
+        assert err_gptq < 0.8 * err_rtn, (bits, err_gptq, err_rtn)
+        # reconstruction_error is tr(ΔHΔᵀ) = 2 * mean ‖Δx‖² over tokens
+        torch.testing.assert_close(torch.tensor(res.recon_error),
+                                   2 * err_gptq * W.shape[0], rtol=1e-3, atol=1e-3)
+
+
+def test_actorder_returns_weights_in_original_column_order():
+    torch.manual_seed(1)
+    X = torch.randn(512, 48) * torch.linspace(0.1, 3, 48)
+    H = 2 * X.t() @ X / 512
+    W = torch.randn(16, 48)
+    res = gptq_solve(W, H, UniformQuantizer(4), actorder=True)
+    assert res.perm is not None and not torch.equal(res.perm, torch.arange(48))
+    # each column of Q is quantized close to the same column of W
+    assert ((res.Q - W).abs().mean(0) < 0.5).all()
+    assert res.recon_error < reconstruction_error(W, _rtn(W, 4), H)
+
+
+def test_ternary_quantizer_uses_T_levels_per_column():
+    torch.manual_seed(2)
+    W = torch.randn(32, 64)
+    steps = torch.ones(64, dtype=torch.long)
+    steps[:8] = 3
+    q = TernaryGIFQuantizer(steps, group_size=0, salient_scale="own")
+    res = gptq_solve(W, torch.eye(64), q, error_feedback=False)
+    for j in range(64):
+        col = res.Q[:, j]
+        assert len(torch.unique(col.abs())) <= (4 if j < 8 else 2)
+
+
+def test_ternary_shared_threshold_is_the_normal_columns_one():
+    torch.manual_seed(3)
+    W = torch.randn(8, 32)
+    steps = torch.ones(32, dtype=torch.long)
+    steps[0] = 4
+    q = TernaryGIFQuantizer(steps, salient_scale="shared")
+    q.fit(0, W)
+    assert torch.equal(q.alpha[:, 0], q.alpha[:, 1])
+
+
+def test_pbllm_keeps_salient_fraction_at_high_bits_and_binarizes_the_rest():
+    torch.manual_seed(4)
+    X = torch.randn(256, 64)
+    H = 2 * X.t() @ X / 256
+    W = torch.randn(32, 64)
+    U, _ = inverse_hessian_cholesky(H)
+    q = PBLLMQuantizer(0.05, 8)
+    q.prepare(W, U)
+    assert abs(q.mask.float().mean().item() - 0.05) < 0.01
+    Q = torch.stack([q.quantize(j, W[:, j]) for j in range(64)], 1)
+    for i in range(32):
+        low = Q[i][~q.mask[i]]
+        assert len(torch.unique(low)) <= 2                      # binarized around the mean
+    assert (Q - W)[q.mask].abs().max() < (W.max() - W.min()) / 255   # 8-bit salient weights
+
+
+def test_quantize_verb_on_real_model_reports_cost(fresh_smollm, data_root):
+    from spikellm.data import CalibSpec, calibration_set
+    from spikellm.quantize import quantize
+    lm = fresh_smollm
+    ids = calibration_set(lm.tokenizer, CalibSpec("wikitext2", "validation", 2, 64, 0), data_root)
+    before = get_module(blocks_of(lm.model)[0], "mlp.up_proj").weight.clone()
+    rep = quantize(lm.model, ids, QuantConfig(method="gptq"),
+                   SpikingConfig(mode="ternary", ratio=0.2, steps=3), progress=False)
+    after = get_module(blocks_of(lm.model)[0], "mlp.up_proj").weight
+    assert not torch.equal(before, after)
+    assert len(rep.stats) == 30 * 7
+    assert abs(rep.cost["avg_steps"] - 1.4) < 0.01            # equal steps (1-r) + r*T
+    assert rep.cost["additive_fraction"] == 1.0                # multiplication-free
+    assert abs(rep.cost["ace_rel_baseline"] - rep.cost["avg_steps"]) < 1e-6
