@@ -6,6 +6,7 @@ with different `ColumnQuantizer`s. Shapes: W [C_out, C_in] (a linear's weight), 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +49,21 @@ def reconstruction_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> f
     return float(((D @ H) * D).sum())
 
 
+@contextlib.contextmanager
+def _single_thread(enabled: bool):
+    """The column loop is thousands of tiny ops: on CPU, OpenMP fork/join around each of them
+    costs more than the op (and spin-waits badly when cores are shared), so run it on one thread."""
+    if not enabled:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq_solve(W: torch.Tensor, H: torch.Tensor | None, quantizer: ColumnQuantizer,
                blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False,
                error_feedback: bool = True, on_damp=None) -> SolveResult:
@@ -87,22 +103,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor | None, quantizer: ColumnQuantiz
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if quantizer.needs_fit(j):
-                end = C_in if span <= 0 else min(j + span, C_in)
-                # current values: this block's updated columns, then the rest of W
-                cols = W1[:, i:] if end <= i2 else torch.cat([W1[:, i:], W[:, i2:end]], 1)
-                quantizer.fit(j, cols[:, : end - j])
-            w = W1[:, i]
-            d = U1[i, i]
-            q = quantizer.quantize(j, w)
-            Q1[:, i] = q
-            err = (w - q) / d
-            losses += err ** 2 / 2
-            if error_feedback:
-                W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        with _single_thread(W.device.type == "cpu"):
+            _solve_block(quantizer, W, W1, Q1, Err1, U1, losses, i1, i2, span, C_in,
+                         error_feedback)
         Q[:, i1:i2] = Q1
         if error_feedback:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
@@ -112,3 +115,23 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor | None, quantizer: ColumnQuantiz
     return SolveResult(Q=Q, loss=float(losses.sum()), damp=damp,
                        recon_error=reconstruction_error(W0, Q, H_orig),
                        seconds=time.time() - t0, perm=perm)
+
+
+def _solve_block(quantizer, W, W1, Q1, Err1, U1, losses, i1, i2, span, C_in, error_feedback):
+    """Columns i1..i2-1: quantize each, spread its error over the rest of the block."""
+    for i in range(i2 - i1):
+        j = i1 + i
+        if quantizer.needs_fit(j):
+            end = C_in if span <= 0 else min(j + span, C_in)
+            # current values: this block's updated columns, then the rest of W
+            cols = W1[:, i:] if end <= i2 else torch.cat([W1[:, i:], W[:, i2:end]], 1)
+            quantizer.fit(j, cols[:, : end - j])
+        w = W1[:, i]
+        d = U1[i, i]
+        q = quantizer.quantize(j, w)
+        Q1[:, i] = q
+        err = (w - q) / d
+        losses += err ** 2 / 2
+        if error_feedback:
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+        Err1[:, i] = err

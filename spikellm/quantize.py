@@ -14,7 +14,7 @@ from .blockwise import (BlockInputs, InputCollector, ModuleStats, forward_block,
                         run_blockwise)
 from .config import QuantConfig, SpikingConfig, validate
 from .gptq import HessianAccumulator, gptq_solve
-from .models import FamilySpec, family_of, get_module
+from .models import FamilySpec, blocks_of, family_of, get_module
 from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
 from .saliency import hessian_column_saliency, inverse_hessian_cholesky
 
@@ -78,14 +78,19 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
         rows = []
         for group in groups:
             linears = {name: get_module(block, name) for name in group}
+            # linears of a sequential group share their input, hence one Hessian per group
+            # (without true_sequential every linear is its own group of inputs)
+            shared = q.true_sequential
+            firsts = {group[0]: linears[group[0]]} if shared else linears
             hessians = {name: HessianAccumulator(m.in_features, device=m.weight.device)
-                        for name, m in linears.items()}
+                        for name, m in firsts.items()}
             if q.method != "rtn" or s.mode == "ternary":
-                with InputCollector(linears, lambda n, x: hessians[n].add_batch(x)):
+                with InputCollector(firsts, lambda n, x: hessians[n].add_batch(x)):
                     forward_block(block, inputs, batch_size, collect_only=True)
             for k, (name, layer) in enumerate(linears.items()):
                 t0 = time.time()
-                H = hessians[name].H if hessians[name].nsamples else None
+                acc = hessians[group[0] if shared else name]
+                H = acc.H if acc.nsamples else None
                 info, cost = quantize_linear(f"{i}.{name}", layer, H, q, s,
                                              seed=s.seed * 100003 + i * 101 + k, log=log)
                 cost.name = f"{i}.{name}"
@@ -115,10 +120,16 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
     costs: list[LayerCost] = []
     notes: list[str] = []
     t0 = time.time()
-    stats = run_blockwise(model, spec, calib_ids, _block_algorithm(q, s, spec, batch_size, costs,
-                                                                   notes, log),
-                          device=device, batch_size=batch_size, progress=progress,
-                          desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}")
+    algorithm = _block_algorithm(q, s, spec, batch_size, costs, notes, log)
+    if q.method == "rtn" and s.mode == "none":
+        # plain round-to-nearest needs no calibration activations at all
+        no_inputs = BlockInputs(hidden=calib_ids[:0], kwargs={})
+        stats = [row for i, block in enumerate(blocks_of(model, spec))
+                 for row in algorithm(i, block, no_inputs)]
+    else:
+        stats = run_blockwise(model, spec, calib_ids, algorithm, device=device,
+                              batch_size=batch_size, progress=progress,
+                              desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}")
     total = total_cost(costs)
     # baseline: the same grid with one step everywhere (plain W-bit, or plain ternary / binary)
     base_bits = s.spike_bits if s.mode == "ternary" else (1.0 if q.method == "pbllm" else q.wbits)

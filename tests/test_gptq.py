@@ -73,9 +73,11 @@ def test_ternary_quantizer_uses_T_levels_per_column():
     steps[:8] = 3
     q = TernaryGIFQuantizer(steps, group_size=0, salient_scale="own")
     res = gptq_solve(W, torch.eye(64), q, error_feedback=False)
-    for j in range(64):
-        col = res.Q[:, j]
-        assert len(torch.unique(col.abs())) <= (4 if j < 8 else 2)
+    codes = res.Q / q.alpha                                # alpha: [rows, columns] thresholds
+    torch.testing.assert_close(codes, codes.round())
+    assert codes[:, :8].abs().max() == 3 and codes[:, 8:].abs().max() == 1
+    assert len(torch.unique(q.alpha[:, 8:])) == 32          # one threshold per row for normal columns
+    assert not torch.equal(q.alpha[:, 0], q.alpha[:, 8])    # salient columns: their own threshold
 
 
 def test_ternary_shared_threshold_is_the_normal_columns_one():
