@@ -35,8 +35,10 @@ class SpikingConfig:
     ratio: float = 0.0
     steps: int = 1
     select: str = "saliency"
-    #: "own": salient columns get their own MSE threshold; "shared": the normal columns' one
+    #: "own": salient weights get their own MSE threshold; "shared": the normal weights' one
     salient_scale: str = "own"
+    #: unit of saliency: "column" (input channel, SpikeLLM's unit) or "element" (PB-LLM's)
+    granularity: str = "column"
     #: weight the threshold search by the OBS column importance 1/U_jj²
     weighted: bool = False
     seed: int = 0
@@ -59,6 +61,7 @@ def validate(q: QuantConfig, s: SpikingConfig) -> None:
         (1 <= s.steps <= 64, "spiking.steps", "an integer in 1..64", s.steps),
         (s.select in SELECT, "spiking.select", f"one of {', '.join(SELECT)}", s.select),
         (s.salient_scale in ("own", "shared"), "spiking.salient_scale", "own or shared", s.salient_scale),
+        (s.granularity in ("column", "element"), "spiking.granularity", "column or element", s.granularity),
         (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),
     ]
     for ok, key, allowed, value in checks:

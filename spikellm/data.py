@@ -2,9 +2,10 @@
 
 Text comes from a local data directory (the layout of `../shared/data`, see its README) or,
 when no directory is given and the machine is online, from the standard HF datasets. Every
-loader returns one string built exactly as GPTQ builds it (`"\\n\\n".join(rows)` for
-WikiText-2, `" ".join(sentences)` for PTB); the text is tokenized in one call and then cut
-into non-overlapping `seqlen` windows (evaluation) or seeded random windows (calibration).
+loader returns one string built exactly as GPTQ builds it, `"\\n\\n".join(rows)`, which is
+tokenized in one call and cut into non-overlapping `seqlen` windows (evaluation) or seeded
+random windows (calibration). GPTQ's "wikitext2" evaluates on test, its "ptb" on the PTB
+*validation* split, its "c4" on 256 random validation windows.
 """
 from __future__ import annotations
 
@@ -108,9 +109,9 @@ def _load_rows_hub(dataset: str, split: str) -> list[str]:
 
 
 def joined_text(dataset: str, split: str, data_dir=None) -> str:
-    """The single evaluation string of the GPTQ protocol."""
-    rows = load_rows(dataset, split, data_dir)
-    return " ".join(rows) if dataset == "ptb" else "\n\n".join(rows)
+    """The single text string of the GPTQ protocol: `"\n\n".join(rows)` (WikiText-2 rows,
+    PTB sentences)."""
+    return "\n\n".join(load_rows(dataset, split, data_dir))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -190,11 +191,15 @@ def c4_eval_windows(tokenizer, docs: list[str], seqlen: int, nsamples: int = 256
     return c4_calib_windows(tokenizer, docs, nsamples, seqlen, seed)
 
 
+#: the split each dataset is evaluated on under the GPTQ/OmniQuant protocol
+EVAL_SPLIT = {"wikitext2": "test", "ptb": "validation", "c4": "validation"}
+
+
 def evaluation_set(tokenizer, dataset: str, seqlen: int, max_windows: int | None = None,
-                   split: str = "test", data_dir=None) -> torch.Tensor:
-    """[n_windows, seqlen] token ids of the evaluation split (C4: validation, 256 windows)."""
+                   split: str | None = None, data_dir=None) -> torch.Tensor:
+    """[n_windows, seqlen] token ids of the evaluation split (`EVAL_SPLIT` by default)."""
     if dataset == "c4":
         n = min(256, max_windows) if max_windows else 256
         return c4_eval_windows(tokenizer, load_rows("c4", "validation", data_dir), seqlen, n)
-    ids = tokenize(tokenizer, joined_text(dataset, split, data_dir))
+    ids = tokenize(tokenizer, joined_text(dataset, split or EVAL_SPLIT[dataset], data_dir))
     return eval_windows(ids, seqlen, max_windows)

@@ -88,8 +88,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor | None, quantizer: ColumnQuantiz
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-        if hasattr(quantizer, "steps"):
-            quantizer.steps = quantizer.steps[perm.cpu()]
+        if hasattr(quantizer, "permute"):
+            quantizer.permute(perm)
 
     U, damp = inverse_hessian_cholesky(H, percdamp, on_retry=on_damp)
     quantizer.prepare(W, U)

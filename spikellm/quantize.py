@@ -16,7 +16,7 @@ from .config import QuantConfig, SpikingConfig, validate
 from .gptq import HessianAccumulator, gptq_solve
 from .models import FamilySpec, blocks_of, family_of, get_module
 from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
-from .saliency import hessian_column_saliency, inverse_hessian_cholesky
+from .saliency import hessian_column_saliency, hessian_element_saliency, inverse_hessian_cholesky
 
 
 @dataclass
@@ -39,10 +39,14 @@ def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.
         bits = (pq.mask.float() * q.high_bits + (~pq.mask).float()).mean(0)
         return pq, torch.ones(C_in, dtype=torch.long), bits, pq.mask.float().mean(0)
     if s.mode == "ternary":
-        scores = hessian_column_saliency(W, U)
-        steps = allocate_steps(scores, s.ratio, s.steps, s.select, seed)
+        if s.granularity == "element":
+            scores = hessian_element_saliency(W, U)
+            steps = allocate_steps(scores.flatten(), s.ratio, s.steps, s.select, seed).view_as(W)
+        else:
+            steps = allocate_steps(hessian_column_saliency(W, U), s.ratio, s.steps, s.select, seed)
+        col_steps = steps.float().mean(0) if steps.dim() == 2 else steps
         return (TernaryGIFQuantizer(steps, q.group_size, s.salient_scale, s.weighted),
-                steps, None, None)
+                col_steps, None, None)
     return UniformQuantizer(q.wbits, q.group_size, q.sym, q.mse), torch.ones(C_in, dtype=torch.long), None, None
 
 

@@ -86,17 +86,19 @@ class UniformQuantizer(ColumnQuantizer):
 
 
 class TernaryGIFQuantizer(ColumnQuantizer):
-    """SpikeLLM ternary spiking weights: column j is a T_j-step bi-directional GIF, i.e. the
-    symmetric (2T_j+1)-level grid alpha * {-T_j..T_j}.
+    """SpikeLLM ternary spiking weights: weight (i, j) is a T_ij-step bi-directional GIF, i.e.
+    the symmetric (2T+1)-level grid alpha * {-T..T}.
 
-    steps: int [C_in] GIF steps per column (solver order). Thresholds alpha are per output row
-    and per group of `group_size` columns (0: one per row). `salient_scale`:
-      - "shared": salient columns fire up to T times at the normal columns' threshold
+    steps: int [C_in] GIF steps per column (column saliency) or [C_out, C_in] per weight
+    (element saliency), in solver column order. Thresholds alpha are per output row and per
+    group of `group_size` columns (0: one per row), one for the normal (T=1) weights and one
+    for the salient ones. `salient_scale`:
+      - "shared": salient weights fire up to T times at the normal weights' threshold
         (wider range, same step);
-      - "own": salient and normal columns get separate thresholds, each chosen by MSE for
-        their own T (the search decides between finer steps and wider range).
-    Each threshold minimises Σ (w - alpha*clip(round(w/alpha), -T, T))² over its columns,
-    optionally weighted by the Hessian diagonal (`weighted`).
+      - "own": salient weights get their own threshold, chosen by MSE for their T (the search
+        decides between finer steps and wider range).
+    Each threshold minimises Σ (w - alpha*clip(round(w/alpha), -T, T))² over its weights,
+    optionally weighted by the OBS column importance 1/U_jj² (`weighted`).
     """
 
     def __init__(self, steps: torch.Tensor, group_size: int = 0, salient_scale: str = "own",
@@ -107,26 +109,30 @@ class TernaryGIFQuantizer(ColumnQuantizer):
             raise ValueError("salient_scale must be 'shared' or 'own'")
         self.salient_scale = salient_scale
         self.weighted = weighted
-        self.hdiag = None
+        self.importance = None
+
+    def permute(self, perm: torch.Tensor) -> None:
+        self.steps = self.steps[..., perm.cpu()]
 
     def prepare(self, W, U):
+        if self.steps.dim() == 1:
+            self.steps = self.steps.unsqueeze(0).expand(W.shape[0], -1)
+        self.steps = self.steps.to(W.device)
         if self.weighted:
-            # diag(H) is not directly available from U; 1/diag(U)^2 = diag-of-inverse proxy of H
-            self.hdiag = 1.0 / torch.diag(U).float() ** 2
+            self.importance = (1.0 / torch.diag(U).float() ** 2).unsqueeze(0)
 
     @staticmethod
-    def _search(x: torch.Tensor, T: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """x [R, n], T [n] -> alpha [R] minimising the (weighted) squared error."""
-        amax = x.abs().amax(1).clamp_min(1e-12)
-        tmax = T.max().float()
+    def _search(x: torch.Tensor, T: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x, T, weight [R, n] -> alpha [R] minimising Σ weight * (x - q(x))² per row
+        (weight 0 excludes an element)."""
+        tmax = (T * (weight > 0)).amax(1).clamp_min(1).to(x.dtype)
+        amax = (x.abs() * (weight > 0)).amax(1).clamp_min(1e-12)
+        Tf = T.to(x.dtype)
         best_err = torch.full_like(amax, float("inf"))
         best = amax / tmax
         for p in _shrink_grid().to(x.device, x.dtype):
             alpha = (p * amax / tmax).unsqueeze(1)
-            err = (x - ternary_quant(x, alpha, T.to(x.dtype))) ** 2
-            if weight is not None:
-                err = err * weight
-            err = err.sum(1)
+            err = ((x - ternary_quant(x, alpha, Tf)) ** 2 * weight).sum(1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, alpha[:, 0], best)
@@ -134,25 +140,20 @@ class TernaryGIFQuantizer(ColumnQuantizer):
 
     def fit(self, j, cols):
         n = cols.shape[1]
-        T = self.steps[j: j + n].to(cols.device)
-        wgt = None if self.hdiag is None else self.hdiag[j: j + n].to(cols.device).unsqueeze(0)
-        normal = T == 1
-        R = cols.shape[0]
-        self.alpha = torch.zeros(R, n, device=cols.device, dtype=cols.dtype)
-        if normal.any():
-            a = self._search(cols[:, normal], T[normal], None if wgt is None else wgt[:, normal])
-            self.alpha[:, normal] = a.unsqueeze(1)
-        if (~normal).any():
-            if self.salient_scale == "own" or not normal.any():
-                a = self._search(cols[:, ~normal], T[~normal],
-                                 None if wgt is None else wgt[:, ~normal])
-                self.alpha[:, ~normal] = a.unsqueeze(1)
-            else:
-                self.alpha[:, ~normal] = self.alpha[:, normal][:, :1]
+        T = self.steps[:, j: j + n]
+        imp = torch.ones_like(cols) if self.importance is None else \
+            self.importance[:, j: j + n].expand_as(cols).to(cols.dtype)
+        salient = T > 1
+        a_norm = self._search(cols, torch.ones_like(T), imp * (~salient))
+        self.alpha = a_norm.unsqueeze(1).expand(-1, n).clone()
+        if salient.any():
+            if self.salient_scale == "own":
+                a_sal = self._search(cols, T, imp * salient)
+                self.alpha = torch.where(salient, a_sal.unsqueeze(1), self.alpha)
         self.j0 = j
 
     def quantize(self, j, w):
-        return ternary_quant(w, self.alpha[:, j - self.j0], int(self.steps[j]))
+        return ternary_quant(w, self.alpha[:, j - self.j0], self.steps[:, j].to(w.dtype))
 
 
 class PBLLMQuantizer(ColumnQuantizer):

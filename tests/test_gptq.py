@@ -86,8 +86,22 @@ def test_ternary_shared_threshold_is_the_normal_columns_one():
     steps = torch.ones(32, dtype=torch.long)
     steps[0] = 4
     q = TernaryGIFQuantizer(steps, salient_scale="shared")
+    q.prepare(W, torch.eye(32))
     q.fit(0, W)
     assert torch.equal(q.alpha[:, 0], q.alpha[:, 1])
+
+
+def test_element_granularity_gives_salient_weights_more_steps():
+    torch.manual_seed(5)
+    W = torch.randn(16, 32)
+    steps = torch.ones(16, 32, dtype=torch.long)
+    steps[W.abs() > 1.5] = 4                                  # the outliers are salient
+    q = TernaryGIFQuantizer(steps, salient_scale="own")
+    res = gptq_solve(W, torch.eye(32), q, error_feedback=False)
+    codes = res.Q / q.alpha
+    assert codes[steps == 1].abs().max() <= 1 and codes[steps == 4].abs().max() > 1
+    err = (res.Q - W).abs()
+    assert err[steps == 4].mean() < err[steps == 1].mean()
 
 
 def test_pbllm_keeps_salient_fraction_at_high_bits_and_binarizes_the_rest():
