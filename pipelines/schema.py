@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.config import validate as validate_method
-from spikellm.data import DATASETS
+from spikellm.data import DATASETS, CalibSpec
 
 
 @dataclass
@@ -42,15 +42,6 @@ class ModelCfg:
 
 
 @dataclass
-class CalibCfg:
-    dataset: str = "wikitext2"
-    split: str = "validation"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 2
-
-
-@dataclass
 class EvalCfg:
     datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 2048
@@ -71,7 +62,7 @@ class RunCfg:
     model: ModelCfg = field(default_factory=ModelCfg)
     quant: QuantConfig = field(default_factory=QuantConfig)
     spiking: SpikingConfig = field(default_factory=SpikingConfig)
-    calib: CalibCfg = field(default_factory=CalibCfg)
+    calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
     name: Optional[str] = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from spikellm.data import CalibSpec, calibration_set, evaluation_set
+from spikellm.data import calibration_set, evaluation_set
 from spikellm.evaluate import perplexity
 from spikellm.models import LoadedModel, load_model, resolve_source
 from spikellm.quantize import QuantReport, quantize
@@ -53,8 +53,7 @@ def calibrate(cfg, lm: LoadedModel) -> torch.Tensor:
     ids = load_tensor(path)
     if ids is not None and tuple(ids.shape) == (c.nsamples, c.seqlen):
         return ids
-    ids = calibration_set(lm.tokenizer, CalibSpec(c.dataset, c.split, c.nsamples, c.seqlen, c.seed),
-                          cfg.paths.data_dir)
+    ids = calibration_set(lm.tokenizer, OmegaConf.to_object(c), cfg.paths.data_dir)
     save_tensor(path, ids)
     return ids
 

@@ -166,7 +166,7 @@ def c4_calib_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, see
     return torch.stack(out)
 
 
-@dataclass(frozen=True)
+@dataclass
 class CalibSpec:
     """Which text calibrates: `dataset`/`split`, `nsamples` windows of `seqlen` tokens, `seed`."""
     dataset: str = "wikitext2"
