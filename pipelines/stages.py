@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from spikellm.data import calibration_set, evaluation_set
 from spikellm.evaluate import perplexity
 from spikellm.models import LoadedModel, load_model, resolve_source
-from spikellm.quantize import QuantReport, quantize
+from spikellm.quantize import QuantReport, fp_saliency_diagonals, quantize
 
 from .store import content_key, load_tensor, read_json, save_tensor, write_json
 
@@ -97,8 +97,24 @@ def fp_perplexity(cfg, lm: LoadedModel, device: str) -> dict[str, float]:
     return out
 
 
+def saliency_scores(cfg, lm: LoadedModel, calib_ids: torch.Tensor, device: str) -> dict:
+    """Full-precision Hessian diagonals for saliency (cached per model + calibration set)."""
+    key = content_key("score", cfg.model.name, lm.source, cfg.model.dtype,
+                      OmegaConf.to_container(cfg.calib), cfg.quant.percdamp)
+    path = cache_dir(cfg) / "score" / f"{key}.pt"
+    hit = load_tensor(path)
+    if isinstance(hit, dict):
+        return hit
+    diags = fp_saliency_diagonals(lm.model, calib_ids, cfg.quant.percdamp, cfg.batch_size,
+                                  device, cfg.progress)
+    save_tensor(path, diags)
+    return diags
+
+
 def run_quantize(cfg, lm: LoadedModel, calib_ids: torch.Tensor, device: str) -> QuantReport:
     q = OmegaConf.to_object(cfg.quant)
     s = OmegaConf.to_object(cfg.spiking)
+    diags = saliency_scores(cfg, lm, calib_ids, device) \
+        if s.mode != "none" and s.saliency_from == "fp" else None
     return quantize(lm.model, calib_ids, q, s, batch_size=cfg.batch_size, device=device,
-                    progress=cfg.progress, log=say)
+                    progress=cfg.progress, log=say, saliency_diags=diags)

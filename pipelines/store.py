@@ -36,7 +36,8 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
-def save_tensor(path: Path, t: torch.Tensor) -> None:
+def save_tensor(path: Path, t) -> None:
+    """Atomically torch.save a tensor (or a dict of tensors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -44,7 +45,7 @@ def save_tensor(path: Path, t: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def load_tensor(path: Path) -> torch.Tensor | None:
+def load_tensor(path: Path):
     try:
         return torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError):

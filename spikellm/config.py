@@ -39,6 +39,10 @@ class SpikingConfig:
     salient_scale: str = "own"
     #: unit of saliency: "column" (input channel, SpikeLLM's unit) or "element" (PB-LLM's)
     granularity: str = "column"
+    #: Hessians the saliency is scored on: "sequential" (the quantized prefix's activations,
+    #: as GPTQ sees them) or "fp" (the full-precision model's: one score set per calibration
+    #: set, shared by every allocation of a sweep)
+    saliency_from: str = "sequential"
     #: weight the threshold search by the OBS column importance 1/U_jj²
     weighted: bool = False
     seed: int = 0
@@ -62,6 +66,7 @@ def validate(q: QuantConfig, s: SpikingConfig) -> None:
         (s.select in SELECT, "spiking.select", f"one of {', '.join(SELECT)}", s.select),
         (s.salient_scale in ("own", "shared"), "spiking.salient_scale", "own or shared", s.salient_scale),
         (s.granularity in ("column", "element"), "spiking.granularity", "column or element", s.granularity),
+        (s.saliency_from in ("sequential", "fp"), "spiking.saliency_from", "sequential or fp", s.saliency_from),
         (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),
     ]
     for ok, key, allowed, value in checks:

@@ -51,13 +51,18 @@ def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.
 
 
 def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: QuantConfig,
-                    s: SpikingConfig, seed: int = 0, log=print) -> tuple[dict, LayerCost]:
-    """Quantize one linear in place. H [C_in, C_in] from calibration (None: RTN, no Hessian)."""
+                    s: SpikingConfig, seed: int = 0, log=print,
+                    saliency_diag: torch.Tensor | None = None) -> tuple[dict, LayerCost]:
+    """Quantize one linear in place. H [C_in, C_in] from calibration (None: RTN, no Hessian).
+
+    `saliency_diag` [C_in]: diag(chol(H⁻¹)) to score saliency with instead of this H's (e.g.
+    from the full-precision model, so one set of scores serves a whole allocation sweep)."""
     W = layer.weight.data
     Hd = torch.eye(W.shape[1], device=W.device) if H is None else H.clone()
     Hd[torch.diag(Hd) == 0, torch.diag(Hd) == 0] = 1
     U, _ = inverse_hessian_cholesky(Hd, q.percdamp)
-    quantizer, steps, extra_bits, high_frac = _make_quantizer(q, s, W.float(), U, seed)
+    quantizer, steps, extra_bits, high_frac = _make_quantizer(
+        q, s, W.float(), U if saliency_diag is None else saliency_diag, seed)
     notes = []
     res = gptq_solve(W, H, quantizer, blocksize=q.blocksize, percdamp=q.percdamp,
                      actorder=q.actorder, error_feedback=q.method != "rtn",
@@ -75,7 +80,7 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Quan
 
 
 def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int,
-                     costs: list, notes: list, log):
+                     costs: list, notes: list, log, saliency_diags: dict | None = None):
     groups = spec.sequential if q.true_sequential else (spec.linears(),)
 
     def algorithm(i: int, block: nn.Module, inputs: BlockInputs) -> list[ModuleStats]:
@@ -95,8 +100,9 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
                 t0 = time.time()
                 acc = hessians[group[0] if shared else name]
                 H = acc.H if acc.nsamples else None
-                info, cost = quantize_linear(f"{i}.{name}", layer, H, q, s,
-                                             seed=s.seed * 100003 + i * 101 + k, log=log)
+                info, cost = quantize_linear(
+                    f"{i}.{name}", layer, H, q, s, seed=s.seed * 100003 + i * 101 + k, log=log,
+                    saliency_diag=None if saliency_diags is None else saliency_diags[f"{i}.{name}"])
                 cost.name = f"{i}.{name}"
                 costs.append(cost)
                 notes.extend(info["notes"])
@@ -112,10 +118,12 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
 
 def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = None,
              s: SpikingConfig | None = None, batch_size: int = 8, device="cpu",
-             progress: bool = True, log=print) -> QuantReport:
+             progress: bool = True, log=print, saliency_diags: dict | None = None) -> QuantReport:
     """Quantize all decoder-block linears of `model` in place.
 
-    calib_ids [N, seqlen] calibration token ids. Returns per-module stats and the cost of the
+    calib_ids [N, seqlen] calibration token ids. `saliency_diags` ("<block>.<linear>" ->
+    diag(chol(H⁻¹)) [C_in], see `fp_saliency_diagonals`) scores spiking saliency on fixed
+    Hessians instead of the sequential ones. Returns per-module stats and the cost of the
     resulting allocation (equal steps, ACE relative to FP16, additive share)."""
     q = q or QuantConfig()
     s = s or SpikingConfig()
@@ -124,7 +132,7 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
     costs: list[LayerCost] = []
     notes: list[str] = []
     t0 = time.time()
-    algorithm = _block_algorithm(q, s, spec, batch_size, costs, notes, log)
+    algorithm = _block_algorithm(q, s, spec, batch_size, costs, notes, log, saliency_diags)
     if q.method == "rtn" and s.mode == "none":
         # plain round-to-nearest needs no calibration activations at all
         no_inputs = BlockInputs(hidden=calib_ids[:0], kwargs={})
@@ -140,3 +148,31 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
     base = sum(c.c_out * c.c_in * base_bits * 16.0 for c in costs)
     total["ace_rel_baseline"] = total["ace"] / base if base else 0.0
     return QuantReport(stats=stats, costs=costs, seconds=time.time() - t0, cost=total, notes=notes)
+
+
+def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: float = 0.01,
+                          batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
+    """diag(U), U = chol(H⁻¹), of every block linear, with H from the *full-precision* model's
+    activations on calib_ids [N, seqlen]: "<block>.<linear>" -> [C_in]. Weights are unchanged.
+    The Hessian saliency of any allocation (column or element) follows from it and W."""
+    spec = family_of(model)
+    out: dict[str, torch.Tensor] = {}
+
+    def algorithm(i: int, block: nn.Module, inputs: BlockInputs) -> list[ModuleStats]:
+        firsts = {g[0]: get_module(block, g[0]) for g in spec.sequential}
+        hessians = {n: HessianAccumulator(m.in_features, device=m.weight.device)
+                    for n, m in firsts.items()}
+        with InputCollector(firsts, lambda n, x: hessians[n].add_batch(x)):
+            forward_block(block, inputs, batch_size, collect_only=True)
+        for group in spec.sequential:
+            H = hessians[group[0]].H.clone()
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1
+            U, _ = inverse_hessian_cholesky(H, percdamp)
+            for name in group:
+                out[f"{i}.{name}"] = torch.diag(U).float().cpu()
+        return []
+
+    run_blockwise(model, spec, calib_ids, algorithm, device=device, batch_size=batch_size,
+                  progress=progress, desc="saliency")
+    return out

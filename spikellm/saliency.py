@@ -85,14 +85,19 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries:
     return eye / mean_diag.sqrt(), float("inf")
 
 
+def _diag(U: torch.Tensor) -> torch.Tensor:
+    return (torch.diag(U) if U.dim() == 2 else U).float().to(U.device)
+
+
 def hessian_column_saliency(W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """Σ_i W_ij² / U_jj²: W [C_out, C_in], U = chol(H⁻¹) upper [C_in, C_in] -> [C_in]."""
-    return (W.float() ** 2).sum(0) / torch.diag(U).float() ** 2
+    """Σ_i W_ij² / U_jj²: W [C_out, C_in], U = chol(H⁻¹) upper [C_in, C_in] (or its diagonal
+    [C_in]) -> [C_in]."""
+    return (W.float() ** 2).sum(0) / _diag(U).to(W.device) ** 2
 
 
 def hessian_element_saliency(W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """PB-LLM's per-element metric W_ij² / U_jj² -> [C_out, C_in]."""
-    return W.float() ** 2 / torch.diag(U).float().unsqueeze(0) ** 2
+    """PB-LLM's per-element metric W_ij² / U_jj² -> [C_out, C_in] (U or its diagonal)."""
+    return W.float() ** 2 / _diag(U).to(W.device).unsqueeze(0) ** 2
 
 
 def random_saliency(n: int, seed: int) -> torch.Tensor:
