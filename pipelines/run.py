@@ -7,90 +7,98 @@ config and exits. Bad input exits 2 with one line naming the key.
 from __future__ import annotations
 
 import datetime as _dt
-import platform
-import subprocess
+import json
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from spikellm.data import DataError
+
+from . import stages
 from .config import ConfigError, compose_config, expand_sweep, run_name
+from .schema import preflight
 from .store import write_json
 
 METRIC_ORDER = ("ppl/fp/", "ppl/", "cost/avg_steps", "cost/ace", "cost/", "time/", "mem/")
 
 
-def _versions() -> dict:
-    import torch
-    import transformers
+def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
+    """Plan all points as one DAG, run each distinct stage once, write one manifest per point.
+    Returns (manifest paths, all succeeded)."""
+    from .artifacts import ArtifactStore
+    from .dag import plan as make_plan
+    from .execute import execute_local, write_plan
+    from .tracking import Tracker
 
-    import spikellm
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__,
-           "spikellm": getattr(spikellm, "__version__", "0.1.0")}
-    try:
-        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
+    first = cfgs[0]
+    stamp = _dt.datetime.now()
+    outputs = Path(first.paths.outputs)
+    sweep_dir = outputs / "sweeps" / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S-%f")[:-3]
+    the_plan = make_plan(cfgs)
+    write_plan(the_plan, sweep_dir, points)
+    names = [run_name(c) for c in cfgs]
+    lg = first.logger
+    tracker = Tracker(lg.backend, lg.mode, lg.project, lg.entity, sweep_dir, group=sweep_dir.name
+                      if len(cfgs) > 1 else None)
+    counts = the_plan.count()
+    stages.say(f"plan: {len(cfgs)} point(s), " + ", ".join(f"{k} {v}" for k, v in counts.items())
+               + f"; sweep record {sweep_dir}")
+    t0 = time.time()
+    done = execute_local(the_plan, ArtifactStore(outputs / "cache"), tracker, sweep_dir, names)
+    manifests, ok = [], True
+    for p, (cfg, ids) in enumerate(zip(cfgs, the_plan.points)):
+        arts = {stage: done[i] for stage, i in ids.items()}
+        if any(a is None for a in arts.values()):
+            ok = False
+            failed = [i for i in ids.values() if done[i] is None]
+            print(f"point {' '.join(points[p]) or '(defaults)'}: did not finish ({failed[0]}); "
+                  f"see python -m pipelines.status {sweep_dir}", file=sys.stderr)
+            continue
+        manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir))
+    write_json(sweep_dir / "summary.json", {"wall_s": time.time() - t0, "points": len(cfgs),
+                                            "counts": counts, "ok": ok})
+    return manifests, ok
 
 
-def run_point(cfg) -> Path:
-    """Run one configuration end to end; returns the manifest path."""
-    from spikellm.blockwise import peak_memory_gb
-
-    from . import stages
-
-    t_all = time.time()
-    name = run_name(cfg)
+def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
     stamp = _dt.datetime.now()
     run_dir = Path(cfg.paths.outputs) / "runs" / stamp.strftime("%Y-%m-%d") / \
         f"{stamp.strftime('%H-%M-%S-%f')[:-3]}_{name}"
-    timings, metrics = {}, {}
-    device = stages.resolve_device(cfg.device)
-
-    t0 = time.time()
-    lm = stages.load(cfg)
-    timings["load_s"] = time.time() - t0
-    t0 = time.time()
-    calib = stages.calibrate(cfg, lm)
-    timings["calibrate_s"] = time.time() - t0
-    if cfg.eval.fp_baseline:
-        t0 = time.time()
-        metrics.update(stages.fp_perplexity(cfg, lm, device))
-        timings["eval_fp_s"] = time.time() - t0
-    stages.say(f"quantizing {cfg.model.name}: quant={cfg._choices['quant']} "
-               f"(wbits={cfg.quant.wbits}) spiking={cfg.spiking.mode} on "
-               f"{calib.shape[0]} x {calib.shape[1]} calibration tokens")
-    report = stages.run_quantize(cfg, lm, calib, device)
-    metrics["time/quantize_s"] = report.seconds
-    t0 = time.time()
-    metrics.update(stages.evaluate_ppl(cfg, lm, device, "quant"))
-    timings["eval_s"] = time.time() - t0
-    metrics.update({f"cost/{k}": v for k, v in report.cost.items()})
-    metrics["mem/peak_gb"] = peak_memory_gb(device)
-    timings["total_s"] = time.time() - t_all
-    if cfg.save_model:
-        lm.model.save_pretrained(run_dir / "model")
-        lm.tokenizer.save_pretrained(run_dir / "model")
-
+    metrics: dict = {}
+    for stage in ("evaluate_fp", "quantize", "evaluate"):
+        if stage in arts:
+            metrics.update(arts[stage].metrics)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     choices, overrides = resolved.pop("_choices"), resolved.pop("_overrides")
+    q = arts["quantize"]
+    calib = torch_load_shape(arts["calibrate"].file("ids.pt"))
     manifest = {
         "name": name, "created": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["python -m pipelines.run", *overrides]),
         "choices": choices, "overrides": overrides, "config": resolved,
-        "versions": _versions(), "timings": timings, "metrics": metrics,
+        "versions": q.manifest.get("versions", {}),
+        "timings": {stage: a.manifest.get("timings", {}).get("total_s") for stage, a in arts.items()},
+        "metrics": metrics,
         "calibration": {"dataset": cfg.calib.dataset, "split": cfg.calib.split,
-                        "windows": list(calib.shape), "seed": cfg.calib.seed},
-        "notes": report.notes,
+                        "windows": calib, "seed": cfg.calib.seed},
+        "artifacts": {stage: str(a.path) for stage, a in arts.items()},
+        "sweep": str(sweep_dir),
+        "notes": json.loads(q.file("notes.json").read_text()) if q.file("notes.json").exists() else [],
     }
-    write_json(run_dir / "module_stats.json", [r.row() for r in report.stats])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stats = q.file("module_stats.json")
+    if stats.exists():
+        (run_dir / "module_stats.json").write_text(stats.read_text())
     write_json(run_dir / "manifest.json", manifest)
     print_table(manifest, run_dir / "manifest.json")
     return run_dir / "manifest.json"
+
+
+def torch_load_shape(path: Path) -> list[int]:
+    import torch
+    return list(torch.load(path, weights_only=True).shape)
 
 
 def _fmt(v) -> str:
@@ -143,28 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         if not multirun and len(expand_sweep(overrides)) > 1:
             raise ConfigError("an override sweeps several values (a=1,2): add -m to run a sweep")
         cfgs = [compose_config(p) for p in points]   # every point validated before any work
-    except ConfigError as e:
+        if not show_cfg:
+            for c in cfgs:
+                preflight(c)
+    except (ConfigError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if show_cfg:
         for c in cfgs:
             print(OmegaConf.to_yaml(c))
         return 0
-    rows = []
-    for pt, cfg in zip(points, cfgs):
-        try:
-            manifest = run_point(cfg)
-        except (FileNotFoundError, RuntimeError, ValueError) as e:
-            from spikellm.data import DataError
-            if isinstance(e, (FileNotFoundError, DataError)) or "device=" in str(e):
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            raise
-        import json
-        rows.append((pt, json.loads(manifest.read_text())["metrics"]))
-    if multirun and len(rows) > 1:
-        print_sweep(rows)
-    return 0
+    try:
+        manifests, ok = run_sweep(cfgs, points)
+    except (FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if multirun and len(manifests) > 1:
+        print_sweep([(json.loads(m.read_text())["overrides"], json.loads(m.read_text())["metrics"])
+                     for m in manifests])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ class PathsCfg:
 
 
 @dataclass
+class LoggerCfg:
+    backend: str = "wandb"
+    mode: str = "offline"
+    project: str = "spikellm"
+    entity: Optional[str] = None
+
+
+@dataclass
 class RunCfg:
     model: ModelCfg = field(default_factory=ModelCfg)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -65,6 +73,7 @@ class RunCfg:
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
+    logger: LoggerCfg = field(default_factory=LoggerCfg)
     name: Optional[str] = None
     device: str = "auto"
     batch_size: int = 8
@@ -84,6 +93,8 @@ def validate(cfg: Any) -> None:
         (c.eval.max_windows is None or c.eval.max_windows >= 1, "eval.max_windows", "null or >= 1", c.eval.max_windows),
         (all(d in DATASETS for d in c.eval.datasets), "eval.datasets", f"a list drawn from {', '.join(DATASETS)}", list(c.eval.datasets)),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
+        (c.logger.backend in ("wandb", "none"), "logger.backend", "wandb or none", c.logger.backend),
+        (c.logger.backend == "none" or c.logger.mode in ("offline", "online"), "logger.mode", "offline or online", c.logger.mode),
         (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", "auto, cpu, cuda or cuda:N", c.device),
     ]
     for ok, key, allowed, value in checks:
@@ -96,3 +107,17 @@ def typed(cfg) -> Any:
     """Merge a composed DictConfig into the schema (type errors and unknown keys raise)."""
     base = OmegaConf.structured(RunCfg)
     return OmegaConf.merge(base, cfg)
+
+
+def preflight(cfg: Any) -> None:
+    """Checks that need the file system, before any work: the model checkpoint and every data
+    file the run will read. Raises FileNotFoundError / DataError with one line."""
+    from spikellm.data import EVAL_SPLIT, check_available
+    from spikellm.models import resolve_source
+    if cfg.model.path not in (None, "embedded"):
+        resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
+    elif cfg.model.path is None and not cfg.model.hub_id:
+        resolve_source(None, None, f"model={cfg.model.name}")
+    check_available(cfg.calib.dataset, cfg.calib.split, cfg.paths.data_dir)
+    for d in cfg.eval.datasets:
+        check_available(d, EVAL_SPLIT[d], cfg.paths.data_dir)

@@ -1,8 +1,15 @@
-"""The stages of one run as plain functions of (config, upstream results): calibrate ->
-quantize -> evaluate. Calibration windows and full-precision perplexities are cached in the
-results store by content key, so runs that share them do not recompute them."""
+"""The stages of the experiment, each a plain function of (config, upstream artifacts, output
+directory) returning its metrics:
+
+    calibrate -> [score] -> quantize -> evaluate          evaluate_fp (full-precision baseline)
+
+`score` (full-precision Hessian diagonals for saliency) exists only when
+`spiking.saliency_from=fp`, so that every allocation of a sweep shares it. Which config keys
+each stage's output depends on is declared in `pipelines.dag`.
+"""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -10,13 +17,15 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
+from spikellm.blockwise import peak_memory_gb
 from spikellm.data import calibration_set, evaluation_set
 from spikellm.evaluate import perplexity
-from spikellm.models import LoadedModel, load_model, resolve_source
-from spikellm.quantize import QuantReport, fp_saliency_diagonals, quantize
+from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
+from spikellm.quantize import fp_saliency_diagonals, quantize
 
-from .store import content_key, load_tensor, read_json, save_tensor, write_json
+from .artifacts import Artifact
 
 
 def say(msg: str) -> None:
@@ -41,31 +50,69 @@ def load(cfg) -> LoadedModel:
     return lm
 
 
-def cache_dir(cfg) -> Path:
-    return Path(cfg.paths.outputs) / "cache"
+def _tokenizer(cfg):
+    from transformers import AutoTokenizer
+    if cfg.paths.cache:
+        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
+    return AutoTokenizer.from_pretrained(
+        resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}"))
 
 
-def calibrate(cfg, lm: LoadedModel) -> torch.Tensor:
-    """[nsamples, seqlen] calibration token ids (cached by model tokenizer + calib config)."""
-    c = cfg.calib
-    key = content_key("calib", cfg.model.name, lm.source, OmegaConf.to_container(c))
-    path = cache_dir(cfg) / "calib" / f"{key}.pt"
-    ids = load_tensor(path)
-    if ids is not None and tuple(ids.shape) == (c.nsamples, c.seqlen):
-        return ids
-    ids = calibration_set(lm.tokenizer, OmegaConf.to_object(c), cfg.paths.data_dir)
-    save_tensor(path, ids)
-    return ids
+def calibrate(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+    """-> ids.pt: [nsamples, seqlen] calibration token ids."""
+    ids = calibration_set(_tokenizer(cfg), OmegaConf.to_object(cfg.calib), cfg.paths.data_dir)
+    torch.save(ids, out / "ids.pt")
+    return {"calib/tokens": int(ids.numel())}
 
 
-def _eval_key(cfg, lm, dataset):
-    e = cfg.eval
-    return content_key("ppl", cfg.model.name, lm.source, cfg.model.dtype, dataset, e.seqlen,
-                       e.max_windows)
+def _calib_ids(deps) -> torch.Tensor:
+    return torch.load(deps["calibrate"].file("ids.pt"), weights_only=True)
 
 
-def evaluate_ppl(cfg, lm: LoadedModel, device: str, tag: str) -> dict[str, float]:
-    """Perplexity on each of eval.datasets -> {"ppl/<dataset>": value} (tag "fp": "ppl/fp/<d>")."""
+def score(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+    """-> diags.pt: {"<block>.<linear>": diag(chol(H⁻¹)) [C_in]} from full-precision activations."""
+    lm = load(cfg)
+    t0 = time.time()
+    diags = fp_saliency_diagonals(lm.model, _calib_ids(deps), cfg.quant.percdamp, cfg.batch_size,
+                                  resolve_device(cfg.device), cfg.progress)
+    torch.save(diags, out / "diags.pt")
+    return {"time/score_s": time.time() - t0}
+
+
+def quantize_stage(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+    """-> weights.safetensors (the quantized block linears), module_stats.json, notes.json."""
+    lm = load(cfg)
+    device = resolve_device(cfg.device)
+    diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
+    calib = _calib_ids(deps)
+    say(f"quantizing {cfg.model.name}: quant={cfg.quant.method} (wbits={cfg.quant.wbits}) "
+        f"spiking={cfg.spiking.mode} on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+    report = quantize(lm.model, calib, OmegaConf.to_object(cfg.quant),
+                      OmegaConf.to_object(cfg.spiking), batch_size=cfg.batch_size, device=device,
+                      progress=cfg.progress, log=say, saliency_diags=diags)
+    save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
+    (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
+    (out / "notes.json").write_text(json.dumps(report.notes))
+    if cfg.save_model:
+        lm.model.save_pretrained(out / "model")
+        lm.tokenizer.save_pretrained(out / "model")
+    metrics = {f"cost/{k}": v for k, v in report.cost.items()}
+    metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
+    return metrics
+
+
+def _block_linear_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    blocks_path = lm.spec.blocks
+    out = {}
+    for i, block in enumerate(blocks_of(lm.model, lm.spec)):
+        for name in lm.spec.linears():
+            out[f"{blocks_path}.{i}.{name}.weight"] = \
+                block.get_submodule(name).weight.detach().contiguous().cpu()
+    return out
+
+
+def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
+    device = resolve_device(cfg.device)
     out = {}
     for d in cfg.eval.datasets:
         windows = evaluation_set(lm.tokenizer, d, cfg.eval.seqlen, cfg.eval.max_windows,
@@ -73,48 +120,30 @@ def evaluate_ppl(cfg, lm: LoadedModel, device: str, tag: str) -> dict[str, float
         name = f"ppl/fp/{d}" if tag == "fp" else f"ppl/{d}"
         t0 = time.time()
         out[name] = perplexity(lm.model, windows, cfg.eval.batch_size, device,
-                               progress=cfg.progress, desc=f"{name} ({windows.shape[0]}x{windows.shape[1]})")
+                               progress=cfg.progress,
+                               desc=f"{name} ({windows.shape[0]}x{windows.shape[1]})")
         say(f"{name} = {out[name]:.3f} on {windows.shape[0]} x {windows.shape[1]} tokens "
             f"({time.time() - t0:.0f}s)")
+        out[f"time/eval_{d}_s"] = time.time() - t0
     return out
 
 
-def fp_perplexity(cfg, lm: LoadedModel, device: str) -> dict[str, float]:
-    """Full-precision perplexities, cached per (model, dataset, eval settings)."""
-    out, todo = {}, []
-    for d in cfg.eval.datasets:
-        hit = read_json(cache_dir(cfg) / "fp_ppl" / f"{_eval_key(cfg, lm, d)}.json")
-        if hit is not None:
-            out[f"ppl/fp/{d}"] = hit["value"]
-        else:
-            todo.append(d)
-    if todo:
-        sub = OmegaConf.merge(cfg, {"eval": {"datasets": todo}})
-        for name, value in evaluate_ppl(sub, lm, device, "fp").items():
-            d = name.split("/")[-1]
-            write_json(cache_dir(cfg) / "fp_ppl" / f"{_eval_key(cfg, lm, d)}.json", {"value": value})
-            out[name] = value
-    return out
+def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+    """Full-precision perplexities: the baseline every quantized point is compared with."""
+    return _ppl(cfg, load(cfg), "fp")
 
 
-def saliency_scores(cfg, lm: LoadedModel, calib_ids: torch.Tensor, device: str) -> dict:
-    """Full-precision Hessian diagonals for saliency (cached per model + calibration set)."""
-    key = content_key("score", cfg.model.name, lm.source, cfg.model.dtype,
-                      OmegaConf.to_container(cfg.calib), cfg.quant.percdamp)
-    path = cache_dir(cfg) / "score" / f"{key}.pt"
-    hit = load_tensor(path)
-    if isinstance(hit, dict):
-        return hit
-    diags = fp_saliency_diagonals(lm.model, calib_ids, cfg.quant.percdamp, cfg.batch_size,
-                                  device, cfg.progress)
-    save_tensor(path, diags)
-    return diags
+def evaluate(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+    """Perplexities of the quantized model: the checkpoint's linears replaced by the quantize
+    artifact's weights."""
+    lm = load(cfg)
+    weights = load_file(str(deps["quantize"].file("weights.safetensors")))
+    missing = lm.model.load_state_dict(
+        {k: v.to(lm.model.dtype) for k, v in weights.items()}, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"quantized weights do not fit the model: {missing.unexpected_keys[:3]}")
+    return _ppl(cfg, lm, "quant")
 
 
-def run_quantize(cfg, lm: LoadedModel, calib_ids: torch.Tensor, device: str) -> QuantReport:
-    q = OmegaConf.to_object(cfg.quant)
-    s = OmegaConf.to_object(cfg.spiking)
-    diags = saliency_scores(cfg, lm, calib_ids, device) \
-        if s.mode != "none" and s.saliency_from == "fp" else None
-    return quantize(lm.model, calib_ids, q, s, batch_size=cfg.batch_size, device=device,
-                    progress=cfg.progress, log=say, saliency_diags=diags)
+STAGE_FUNCTIONS = {"calibrate": calibrate, "score": score, "quantize": quantize_stage,
+                   "evaluate": evaluate, "evaluate_fp": evaluate_fp}

@@ -51,6 +51,13 @@ def _local_file(dataset: str, split: str, data_dir: Path) -> Path:
     return path
 
 
+def check_available(dataset: str, split: str, data_dir=None) -> None:
+    """Raise DataError (one line) if a local data directory is in use and lacks the file."""
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        _local_file(dataset, split, root)
+
+
 def wikitext_rows(raw: str) -> list[str]:
     """HF `wikitext-2-raw-v1` rows from a `wiki.*.raw` file: line + "\\n", blank (" ") -> ""."""
     lines = raw.split("\n")

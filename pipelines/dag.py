@@ -1,0 +1,104 @@
+"""Plan a sweep as a DAG of content-keyed stage instances.
+
+A stage instance's key hashes exactly the config keys that change its output, the keys of its
+upstream instances and the stage's code version, so points of a sweep that agree on those
+share the instance (a sweep over allocation ratios calibrates once). `plan()` returns the
+distinct instances in dependency order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+from .store import content_key
+
+#: bump a stage's version when its code changes what it writes: old artifacts stop matching
+STAGE_VERSIONS = {"calibrate": 1, "score": 1, "quantize": 1, "evaluate": 1, "evaluate_fp": 1}
+
+
+def _model_id(cfg) -> dict:
+    return {"name": cfg.model.name, "path": cfg.model.path, "hub_id": cfg.model.hub_id}
+
+
+def _sel(cfg, *paths: str) -> dict:
+    return {p: OmegaConf.to_container(OmegaConf.select(cfg, p), resolve=True)
+            if OmegaConf.is_config(OmegaConf.select(cfg, p)) else OmegaConf.select(cfg, p)
+            for p in paths}
+
+
+def _eval_keys(cfg) -> dict:
+    return _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows")
+
+
+#: per stage: the config that changes its output (besides its upstream keys)
+STAGE_INPUTS = {
+    "calibrate": lambda c: {"model": _model_id(c), **_sel(c, "calib", "paths.data_dir")},
+    "score": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "quant.percdamp")},
+    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "quant", "spiking")},
+    "evaluate": lambda c: {**_eval_keys(c), **_sel(c, "paths.data_dir")},
+    "evaluate_fp": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "paths.data_dir"),
+                              **_eval_keys(c)},
+}
+
+
+@dataclass
+class Node:
+    """One stage instance: what it computes (`stage`, `key`), from what (`deps`: stage -> node
+    id), with which config (`cfg`, the first sweep point that needs it), for which points."""
+    stage: str
+    key: str
+    inputs: dict
+    deps: dict[str, str]
+    cfg: object = field(repr=False)
+    points: list[int] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+
+@dataclass
+class Plan:
+    nodes: dict[str, Node]                 # id -> node, dependency order
+    points: list[dict[str, str]]           # per sweep point: stage -> node id
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.nodes.values():
+            out[n.stage] = out.get(n.stage, 0) + 1
+        return out
+
+
+def stages_of(cfg) -> list[tuple[str, dict[str, str]]]:
+    """The stages one point needs, as (stage, {dep role: upstream stage}) in order."""
+    out = [("calibrate", {})]
+    if cfg.eval.fp_baseline:
+        out.append(("evaluate_fp", {}))
+    needs_score = cfg.spiking.mode != "none" and cfg.spiking.saliency_from == "fp"
+    if needs_score:
+        out.append(("score", {"calibrate": "calibrate"}))
+    q_deps = {"calibrate": "calibrate", **({"score": "score"} if needs_score else {})}
+    out.append(("quantize", q_deps))
+    out.append(("evaluate", {"quantize": "quantize"}))
+    return out
+
+
+def plan(cfgs: list) -> Plan:
+    nodes: dict[str, Node] = {}
+    points = []
+    for p, cfg in enumerate(cfgs):
+        ids: dict[str, str] = {}
+        for stage, deps in stages_of(cfg):
+            dep_ids = {role: ids[up] for role, up in deps.items()}
+            inputs = STAGE_INPUTS[stage](cfg)
+            key = content_key(stage, STAGE_VERSIONS[stage], inputs,
+                              sorted((r, nodes[i].key) for r, i in dep_ids.items()))
+            node = nodes.get(f"{stage}/{key}")
+            if node is None:
+                node = Node(stage, key, inputs, dep_ids, cfg)
+                nodes[node.id] = node
+            node.points.append(p)
+            ids[stage] = node.id
+        points.append(ids)
+    return Plan(nodes=nodes, points=points)

@@ -1,0 +1,47 @@
+"""Sweep planning: stage instances are shared exactly when their output-changing config agrees."""
+from pipelines.config import compose_config, expand_sweep
+from pipelines.dag import plan
+
+SWEEP = ["spiking.ratio=0,0.05,0.1,0.2", "spiking.select=saliency,random"]
+
+
+def _cfgs(overrides):
+    return [compose_config(p) for p in expand_sweep(overrides)]
+
+
+def test_eight_point_sweep_shares_calibration_and_scores():
+    p = plan(_cfgs(SWEEP + ["spiking.saliency_from=fp"]))
+    assert len(p.points) == 8
+    assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "score": 1, "quantize": 8, "evaluate": 8}
+
+
+def test_sequential_saliency_needs_no_score_stage():
+    p = plan(_cfgs(SWEEP))
+    assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "quantize": 8, "evaluate": 8}
+
+
+def _keys(overrides):
+    p = plan([compose_config(overrides)])
+    return {p.nodes[i].stage: p.nodes[i].key for i in p.points[0].values()}
+
+
+def test_keys_change_exactly_with_output_changing_keys():
+    base = _keys(["spiking.saliency_from=fp"])
+    same = _keys(["spiking.saliency_from=fp", "progress=false", "batch_size=3", "name=x",
+                  "logger=none"])
+    assert same == base                                  # nothing output-changing
+    ev = _keys(["spiking.saliency_from=fp", "eval.max_windows=7"])
+    assert {s for s in base if base[s] != ev[s]} == {"evaluate", "evaluate_fp"}
+    alloc = _keys(["spiking.saliency_from=fp", "spiking.ratio=0.3"])
+    assert {s for s in base if base[s] != alloc[s]} == {"quantize", "evaluate"}
+    damp = _keys(["spiking.saliency_from=fp", "quant.percdamp=0.1"])
+    assert {s for s in base if base[s] != damp[s]} == {"score", "quantize", "evaluate"}
+    calib = _keys(["spiking.saliency_from=fp", "calib.seed=5"])
+    assert {s for s in base if base[s] != calib[s]} == {"calibrate", "score", "quantize", "evaluate"}
+    model = _keys(["spiking.saliency_from=fp", "model=llama2_7b"])
+    assert all(base[s] != model[s] for s in base)
+
+
+def test_group_sweep_over_quant_methods():
+    p = plan(_cfgs(["quant=rtn,gptq", "spiking=none", "quant.wbits=3,4"]))
+    assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "quantize": 4, "evaluate": 4}
