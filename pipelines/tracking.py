@@ -52,7 +52,8 @@ class Tracker:
         self.dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=self.project, entity=self.entity, mode=self.mode,
                          dir=str(self.dir), group=self.group, job_type=stage, name=name,
-                         config=config, reinit="finish_previous")
+                         config=config, reinit="finish_previous",
+                         settings=wandb.Settings(silent=True, console="off"))
         failed = True
         try:
             yield WandbRun(run)
