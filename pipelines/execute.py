@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import socket
 import platform
 import subprocess
 import traceback
@@ -85,7 +87,8 @@ def execute_local(plan: Plan, store: ArtifactStore, tracker: Tracker, sweep_dir:
             done[node.id] = hit
             continue
         deps = {role: done[i] for role, i in node.deps.items()}
-        set_state(sweep_dir, node, "running", started=_now())
+        set_state(sweep_dir, node, "running", started=_now(), pid=os.getpid(),
+                  host=socket.gethostname())
         name = f"{names[node.points[0]]}:{node.stage}"
         record = {"config": node.inputs, "upstream": {r: a.key for r, a in deps.items()},
                   "code_version": STAGE_VERSIONS[node.stage], "versions": vers}

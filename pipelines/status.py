@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
+
+
+def _alive(st: dict) -> bool:
+    """A running stage's process still exists (only checkable on the same host)."""
+    if st.get("host") != socket.gethostname() or not st.get("pid"):
+        return True
+    try:
+        os.kill(int(st["pid"]), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -13,6 +28,8 @@ def collect(sweep_dir: Path) -> list[dict]:
     for node_id, node in plan["nodes"].items():
         f = sweep_dir / "state" / (node_id.replace("/", "__") + ".json")
         st = json.loads(f.read_text()) if f.exists() else {"state": "queued"}
+        if st.get("state") == "running" and not _alive(st):
+            st = {**st, "state": "failed", "reason": f"process {st.get('pid')} died while running"}
         rows.append({"stage": node["stage"], "key": node["key"], "points": node["points"],
                      "state": st.get("state"), "reason": st.get("reason", ""),
                      "updated": st.get("updated", "")})
