@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from .schema import typed, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "quant", "spiking", "calib", "eval")
+GROUPS = ("model", "quant", "spiking", "calib", "eval", "logger", "launcher")
 
 
 class ConfigError(ValueError):
@@ -93,3 +93,14 @@ def run_name(cfg: DictConfig) -> str:
     extra = [o for o in cfg._overrides if o.split("=")[0] not in GROUPS]
     parts += [o.replace("=", "") .replace("/", "_") for o in extra]
     return "-".join(str(p) for p in parts)[:120]
+
+
+def retype(container: dict) -> DictConfig:
+    """A config saved as a plain container (e.g. pickled for a SLURM job) back as a typed one."""
+    c = dict(container)
+    extras = {k: c.pop(k) for k in ("_choices", "_overrides") if k in c}
+    cfg = typed(OmegaConf.create(c))
+    OmegaConf.set_struct(cfg, False)
+    for k, v in extras.items():
+        cfg[k] = v
+    return cfg

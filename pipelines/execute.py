@@ -69,12 +69,45 @@ def _config_dict(cfg) -> dict:
     return d
 
 
+def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tracker,
+             sweep_dir: Path, name: str) -> Artifact:
+    """Build one stage instance (under the store's lock), log it as one W&B run and record its
+    state. Raises the stage's exception after recording it as failed."""
+    set_state(sweep_dir, node, "running", started=_now(), pid=os.getpid(),
+              host=socket.gethostname())
+    record = {"config": node.inputs, "upstream": {r: a.key for r, a in deps.items()},
+              "code_version": STAGE_VERSIONS[node.stage], "versions": versions()}
+    try:
+        with tracker.stage_run(node.stage, f"{name}:{node.stage}",
+                               {**_config_dict(node.cfg), "stage_key": node.key}) as run:
+            art, _ = store.build(node.stage, node.key,
+                                 lambda out: STAGE_FUNCTIONS[node.stage](node.cfg, deps, out),
+                                 record)
+            run.log(art.metrics)
+            stats = art.path / "module_stats.json"
+            if stats.exists():
+                run.table("module_stats", json.loads(stats.read_text()))
+            if node.stage.startswith("evaluate"):
+                run.table("perplexity", [{"metric": k, "value": v}
+                                         for k, v in art.metrics.items() if k.startswith("ppl/")])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = f"{type(e).__name__}: {msg}"
+        say(f"stage {node.id} failed: {reason}")
+        (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "logs" / f"{node.stage}__{node.key}.traceback").write_text(
+            traceback.format_exc())
+        set_state(sweep_dir, node, "failed", ended=_now(), reason=reason)
+        raise
+    set_state(sweep_dir, node, "done", ended=_now(), path=str(art.path))
+    return art
+
+
 def execute_local(plan: Plan, store: ArtifactStore, tracker: Tracker, sweep_dir: Path,
                   names: list[str]) -> dict[str, Artifact | None]:
     """Run every node in dependency order; a failed node cancels its dependents but not the
     rest. Returns node id -> artifact (None when failed or cancelled)."""
     done: dict[str, Artifact | None] = {}
-    vers = versions()
     for node in plan.nodes.values():
         bad = [d for d in node.deps.values() if done.get(d) is None]
         if bad:
@@ -86,33 +119,9 @@ def execute_local(plan: Plan, store: ArtifactStore, tracker: Tracker, sweep_dir:
             set_state(sweep_dir, node, "cached", path=str(hit.path))
             done[node.id] = hit
             continue
-        deps = {role: done[i] for role, i in node.deps.items()}
-        set_state(sweep_dir, node, "running", started=_now(), pid=os.getpid(),
-                  host=socket.gethostname())
-        name = f"{names[node.points[0]]}:{node.stage}"
-        record = {"config": node.inputs, "upstream": {r: a.key for r, a in deps.items()},
-                  "code_version": STAGE_VERSIONS[node.stage], "versions": vers}
         try:
-            with tracker.stage_run(node.stage, name, {**_config_dict(node.cfg),
-                                                      "stage_key": node.key}) as run:
-                art, _ = store.build(node.stage, node.key,
-                                     lambda out: STAGE_FUNCTIONS[node.stage](node.cfg, deps, out),
-                                     record)
-                run.log(art.metrics)
-                stats = art.path / "module_stats.json"
-                if stats.exists():
-                    run.table("module_stats", json.loads(stats.read_text()))
-                if node.stage.startswith("evaluate"):
-                    run.table("perplexity", [{"metric": k, "value": v}
-                                             for k, v in art.metrics.items() if k.startswith("ppl/")])
-            set_state(sweep_dir, node, "done", ended=_now(), path=str(art.path))
-            done[node.id] = art
-        except Exception as e:  # the stage failed: record why, keep going with the rest
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            say(f"stage {node.id} failed: {reason}")
-            (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
-            (sweep_dir / "logs" / f"{node.stage}__{node.key}.traceback").write_text(
-                traceback.format_exc())
-            set_state(sweep_dir, node, "failed", ended=_now(), reason=reason)
+            done[node.id] = run_node(node, {role: done[i] for role, i in node.deps.items()},
+                                     store, tracker, sweep_dir, names[node.points[0]])
+        except Exception:  # recorded by run_node; keep going with what does not depend on it
             done[node.id] = None
     return done

@@ -30,6 +30,7 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
     from .artifacts import ArtifactStore
     from .dag import plan as make_plan
     from .execute import execute_local, write_plan
+    from .launch import resolve_launcher, submit, wait_slurm
     from .tracking import Tracker
 
     first = cfgs[0]
@@ -46,7 +47,19 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
     stages.say(f"plan: {len(cfgs)} point(s), " + ", ".join(f"{k} {v}" for k, v in counts.items())
                + f"; sweep record {sweep_dir}")
     t0 = time.time()
-    done = execute_local(the_plan, ArtifactStore(outputs / "cache"), tracker, sweep_dir, names)
+    store = ArtifactStore(outputs / "cache")
+    kind = resolve_launcher(first.launcher.kind)
+    if kind == "local":
+        done = execute_local(the_plan, store, tracker, sweep_dir, names)
+    else:
+        jobs = submit(the_plan, store, sweep_dir, names, first.launcher, tracker.group, kind)
+        if kind == "slurm" and not first.launcher.wait:
+            print(f"submitted {len(jobs)} job(s); follow them with: python -m pipelines.status "
+                  f"{sweep_dir}")
+            return [], True
+        if kind == "slurm":
+            wait_slurm(jobs, the_plan, sweep_dir)
+        done = {i: store.get(n.stage, n.key) for i, n in the_plan.nodes.items()}
     manifests, ok = [], True
     for p, (cfg, ids) in enumerate(zip(cfgs, the_plan.points)):
         arts = {stage: done[i] for stage, i in ids.items()}

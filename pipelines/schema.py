@@ -66,6 +66,17 @@ class LoggerCfg:
 
 
 @dataclass
+class LauncherCfg:
+    kind: str = "auto"
+    wait: bool = False
+    array_parallelism: int = 16
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+
+
+@dataclass
 class RunCfg:
     model: ModelCfg = field(default_factory=ModelCfg)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -74,6 +85,7 @@ class RunCfg:
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
+    launcher: LauncherCfg = field(default_factory=LauncherCfg)
     name: Optional[str] = None
     device: str = "auto"
     batch_size: int = 8
@@ -95,6 +107,8 @@ def validate(cfg: Any) -> None:
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
         (c.logger.backend in ("wandb", "none"), "logger.backend", "wandb or none", c.logger.backend),
         (c.logger.backend == "none" or c.logger.mode in ("offline", "online"), "logger.mode", "offline or online", c.logger.mode),
+        (c.launcher.kind in ("auto", "local", "submitit_local", "slurm"), "launcher.kind", "auto, local, submitit_local or slurm", c.launcher.kind),
+        (c.launcher.array_parallelism >= 1, "launcher.array_parallelism", ">= 1", c.launcher.array_parallelism),
         (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", "auto, cpu, cuda or cuda:N", c.device),
     ]
     for ok, key, allowed, value in checks:

@@ -37,7 +37,8 @@ def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.
         pq = PBLLMQuantizer(q.salient_frac, q.high_bits)
         pq.prepare(W.float(), U)
         bits = (pq.mask.float() * q.high_bits + (~pq.mask).float()).mean(0)
-        return pq, torch.ones(C_in, dtype=torch.long), bits, pq.mask.float().mean(0)
+        # PB-LLM's "equal steps": mean bits per weight, (1-r)*1 + r*high_bits
+        return pq, bits, bits, pq.mask.float().mean(0)
     if s.mode == "ternary":
         if s.granularity == "element":
             scores = hessian_element_saliency(W, U)

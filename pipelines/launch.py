@@ -1,0 +1,192 @@
+"""Launching a planned DAG: in this process (`local`), through submitit's local executor
+(`submitit_local`), or on SLURM (`slurm`) with one job array per stage and resource class and
+`afterok`/`aftercorr` dependencies between them. `auto` picks SLURM where a cluster answers.
+
+A SLURM job runs `run_node_job(sweep_dir, node_id)`: it reads the pickled plan from the
+sweep directory, builds that one stage instance from its upstream artifacts, and raises (exit
+non-zero, so `afterok` sees the failure) when the stage fails. Cached instances are never
+submitted and get no edge.
+"""
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+from collections import OrderedDict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .artifacts import ArtifactStore
+from .config import retype
+from .dag import Plan
+from .execute import run_node, set_state
+from .stages import say
+from .tracking import Tracker
+
+
+def slurm_available() -> bool:
+    """A SLURM controller answers (sbatch on PATH and `squeue` succeeds)."""
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return False
+    try:
+        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def resolve_launcher(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    return "slurm" if slurm_available() else "local"
+
+
+def _tracker_for(cfg, sweep_dir: Path, group: str | None) -> Tracker:
+    lg = cfg.logger
+    return Tracker(lg.backend, lg.mode, lg.project, lg.entity, sweep_dir, group=group)
+
+
+def save_plan(plan: Plan, sweep_dir: Path, names: list[str], group: str | None) -> None:
+    """Everything a job needs to run any node, pickled next to plan.json."""
+    blob = {"nodes": {i: {"stage": n.stage, "key": n.key, "inputs": n.inputs, "deps": n.deps,
+                          "points": n.points, "cfg": OmegaConf.to_container(n.cfg)}
+                      for i, n in plan.nodes.items()},
+            "names": names, "group": group}
+    with open(sweep_dir / "plan.pkl", "wb") as f:
+        pickle.dump(blob, f)
+
+
+def run_node_job(sweep_dir: str, node_id: str) -> str:
+    """SLURM/submitit entry point: build one stage instance; raise if it fails."""
+    from .dag import Node
+    sweep = Path(sweep_dir)
+    with open(sweep / "plan.pkl", "rb") as f:
+        blob = pickle.load(f)
+    nodes = {}
+    for i, d in blob["nodes"].items():
+        nodes[i] = Node(d["stage"], d["key"], d["inputs"], d["deps"], retype(d["cfg"]), d["points"])
+    node = nodes[node_id]
+    store = ArtifactStore(Path(node.cfg.paths.outputs) / "cache")
+    deps = {}
+    for role, dep_id in node.deps.items():
+        art = store.get(nodes[dep_id].stage, nodes[dep_id].key)
+        if art is None:
+            raise RuntimeError(f"upstream {dep_id} has no artifact")
+        deps[role] = art
+    art = run_node(node, deps, store, _tracker_for(node.cfg, sweep, blob["group"]), sweep,
+                   blob["names"][node.points[0]])
+    return str(art.path)
+
+
+def _resources(node) -> dict:
+    """Per-stage resources: calibration is a small CPU job, the rest what the model needs."""
+    r = node.cfg.model.resources
+    if node.stage == "calibrate":
+        return {"gpus": 0, "cpus": 1, "mem_gb": 4, "time_min": 60}
+    return {"gpus": int(r.gpus), "cpus": int(r.cpus), "mem_gb": int(r.mem_gb),
+            "time_min": int(r.time_min)}
+
+
+def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, names: list[str],
+           launcher_cfg, group: str | None, kind: str) -> list:
+    """Submit every not-yet-cached node; returns the submitit jobs (one per node)."""
+    import submitit
+
+    save_plan(plan, sweep_dir, names, group)
+    pending = OrderedDict()
+    for node in plan.nodes.values():
+        hit = store.get(node.stage, node.key)
+        if hit is not None:
+            set_state(sweep_dir, node, "cached", path=str(hit.path))
+        else:
+            pending[node.id] = node
+    # one array per (stage, resource class), in dependency order
+    arrays: OrderedDict[tuple, list] = OrderedDict()
+    for node in pending.values():
+        arrays.setdefault((node.stage, tuple(sorted(_resources(node).items()))), []).append(node)
+    job_of: dict[str, object] = {}
+    array_of: dict[str, str] = {}
+    jobs = []
+    for (stage, res_items), nodes in arrays.items():
+        res = dict(res_items)
+        executor = submitit.AutoExecutor(folder=sweep_dir / "submitit" / "%j",
+                                         cluster="local" if kind == "submitit_local" else "slurm")
+        params = {"name": f"spikellm-{stage}", "timeout_min": res["time_min"],
+                  "mem_gb": res["mem_gb"], "cpus_per_task": res["cpus"]}
+        if kind == "slurm":
+            if res["gpus"]:
+                params["gpus_per_node"] = res["gpus"]
+            params["slurm_array_parallelism"] = int(launcher_cfg.array_parallelism)
+            extra = {"kill-on-invalid-dep": "yes"}
+            for key in ("partition", "account", "qos", "constraint"):
+                value = launcher_cfg.get(key)
+                if value:
+                    params[f"slurm_{key}"] = value
+            dep = _dependency(nodes, pending, job_of, array_of)
+            if dep:
+                extra["dependency"] = dep
+            params["slurm_additional_parameters"] = extra
+        executor.update_parameters(**params)
+        batch = executor.map_array(run_node_job, [str(sweep_dir)] * len(nodes),
+                                   [n.id for n in nodes])
+        for node, job in zip(nodes, batch):
+            job_of[node.id] = job
+            array_of[node.id] = str(job.job_id).split("_")[0]
+            set_state(sweep_dir, node, "queued", job_id=str(job.job_id))
+        jobs.extend(batch)
+        say(f"submitted {stage}: {len(nodes)} job(s) {batch[0].job_id.split('_')[0]}"
+            + (f" after {params['slurm_additional_parameters'].get('dependency')}"
+               if kind == "slurm" and "dependency" in params["slurm_additional_parameters"] else ""))
+        if kind == "submitit_local":     # no dependencies locally: finish each array first
+            for job in batch:
+                try:
+                    job.result()
+                except Exception:
+                    pass
+    return jobs
+
+
+def _dependency(nodes, pending, job_of, array_of) -> str:
+    """`aftercorr:<array>` when task i depends exactly on task i of one upstream array of the
+    same size, else `afterok` on every upstream job that is pending (cached ones need none)."""
+    ups = [[d for d in n.deps.values() if d in pending] for n in nodes]
+    if not any(ups):
+        return ""
+    arrays = {array_of[d] for u in ups for d in u}
+    if len(arrays) == 1 and all(len(u) == 1 for u in ups):
+        arr = arrays.pop()
+        members = [i for i, a in array_of.items() if a == arr]
+        if len(members) == len(nodes) and [u[0] for u in ups] == members:
+            return f"aftercorr:{arr}"
+    return "afterok:" + ":".join(sorted({str(job_of[d].job_id) for u in ups for d in u}))
+
+
+def _squeue_ids() -> set[str] | None:
+    try:
+        p = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(p.stdout.split()) if p.returncode == 0 else None
+
+
+def wait_slurm(jobs: list, plan: Plan, sweep_dir: Path, poll_s: float = 2.0) -> None:
+    """Wait until none of `jobs` is queued or running. Jobs SLURM removed without running
+    them (an `afterok` that can never be met, `--kill-on-invalid-dep=yes`) are recorded as
+    cancelled. Polls squeue, so it needs no accounting database."""
+    import json
+    import time
+    ids = {str(j.job_id) for j in jobs}
+    while True:
+        live = _squeue_ids()
+        if live is not None and not (ids & live):
+            break
+        time.sleep(poll_s)
+    from .execute import state_path
+    for node in plan.nodes.values():
+        f = state_path(sweep_dir, node.id)
+        if f.exists() and json.loads(f.read_text()).get("state") in ("queued", "running"):
+            set_state(sweep_dir, node, "cancelled",
+                      reason="SLURM removed the job before it finished (failed upstream dependency, "
+                             "time limit or node failure)")
