@@ -35,6 +35,9 @@ class SpikingConfig:
     ratio: float = 0.0
     steps: int = 1
     select: str = "saliency"
+    #: columns sharing one ternary threshold per output row (0 = one per row); the W-bit grids
+    #: of quant=rtn/gptq use quant.group_size instead
+    group_size: int = 0
     #: "own": salient weights get their own MSE threshold; "shared": the normal weights' one
     salient_scale: str = "own"
     #: unit of saliency: "column" (input channel, SpikeLLM's unit) or "element" (PB-LLM's)
@@ -65,6 +68,7 @@ def validate(q: QuantConfig, s: SpikingConfig) -> None:
         (1 <= s.steps <= 64, "spiking.steps", "an integer in 1..64", s.steps),
         (s.select in SELECT, "spiking.select", f"one of {', '.join(SELECT)}", s.select),
         (s.salient_scale in ("own", "shared"), "spiking.salient_scale", "own or shared", s.salient_scale),
+        (s.group_size >= 0, "spiking.group_size", "0 (per row) or a positive column count", s.group_size),
         (s.granularity in ("column", "element"), "spiking.granularity", "column or element", s.granularity),
         (s.saliency_from in ("sequential", "fp"), "spiking.saliency_from", "sequential or fp", s.saliency_from),
         (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),

@@ -46,7 +46,7 @@ def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.
         else:
             steps = allocate_steps(hessian_column_saliency(W, U), s.ratio, s.steps, s.select, seed)
         col_steps = steps.float().mean(0) if steps.dim() == 2 else steps
-        return (TernaryGIFQuantizer(steps, q.group_size, s.salient_scale, s.weighted),
+        return (TernaryGIFQuantizer(steps, s.group_size, s.salient_scale, s.weighted),
                 col_steps, None, None)
     return UniformQuantizer(q.wbits, q.group_size, q.sym, q.mse), torch.ones(C_in, dtype=torch.long), None, None
 
@@ -73,7 +73,14 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Quan
     layer.weight.data = res.Q.to(W.dtype)
     ternary = s.mode == "ternary"
     bits_per_step = s.spike_bits if ternary else (1.0 if q.method == "pbllm" else q.wbits)
-    additive = True if ternary else (1 - high_frac if high_frac is not None else False)
+    if ternary:
+        # spikes only add or subtract; each output multiplies once per threshold (group x
+        # normal/salient) to scale its partial sums
+        n_groups = -(-W.shape[1] // s.group_size) if s.group_size else 1
+        n_thresholds = n_groups * (2 if bool((steps > 1).any()) else 1)
+        additive = 1.0 - n_thresholds / W.shape[1]
+    else:
+        additive = 1 - high_frac if high_frac is not None else False
     cost = layer_cost(name, W.shape[0], W.shape[1], steps, bits_per_step, 16.0,
                       additive=additive, extra_bits=extra_bits)
     return {"loss": res.loss, "recon_error": res.recon_error, "seconds": res.seconds,

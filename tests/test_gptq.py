@@ -132,5 +132,6 @@ def test_quantize_verb_on_real_model_reports_cost(fresh_smollm, data_root):
     assert not torch.equal(before, after)
     assert len(rep.stats) == 30 * 7
     assert abs(rep.cost["avg_steps"] - 1.4) < 0.01            # equal steps (1-r) + r*T
-    assert rep.cost["additive_fraction"] == 1.0                # multiplication-free
+    # multiplication-free but for one scale per row and threshold (2 of 576 or 1536 columns)
+    assert 0.996 < rep.cost["additive_fraction"] < 1.0
     assert abs(rep.cost["ace_rel_baseline"] - rep.cost["avg_steps"]) < 1e-6

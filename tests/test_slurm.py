@@ -1,0 +1,81 @@
+"""A real sweep on the real local SLURM cluster (`slurm/cluster.sh start`; .ci/run starts it).
+
+Checks the order of execution from SLURM's own job-completion records."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, data_dir
+
+pytestmark = pytest.mark.slurm
+
+
+def _cluster():
+    from pipelines.launch import slurm_available
+    if not slurm_available():
+        pytest.skip("no SLURM cluster answers: run `bash slurm/cluster.sh start` and "
+                    "`source /tmp/spikellm-slurm/env.sh` (.ci/run does both)")
+    conf = os.environ.get("SLURM_CONF", "")
+    comp = Path(conf).parent.parent / "log" / "jobcomp.txt" if conf else None
+    return comp
+
+
+def _jobcomp(path: Path) -> dict[str, dict]:
+    out = {}
+    for line in path.read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        out[fields["JobId"]] = fields
+    return out
+
+
+def test_sweep_on_slurm_runs_stages_in_dependency_order(tmp_path):
+    comp = _cluster()
+    env = dict(os.environ, SPIKELLM_DATA_DIR=str(data_dir()))
+    args = [sys.executable, "-m", "pipelines.run", "-m", f"paths.outputs={tmp_path}",
+            "launcher=slurm", "launcher.wait=true", "logger=none", "calib.nsamples=4",
+            "calib.seqlen=128", "eval.seqlen=128", "eval.max_windows=2", "progress=false",
+            "spiking.ratio=0.1,0.2", "spiking.saliency_from=fp"]
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sweep = sorted((tmp_path / "sweeps").glob("*/*"))[-1]
+    states = [json.loads(f.read_text()) for f in (sweep / "state").glob("*.json")]
+    assert sorted(s["stage"] for s in states) == ["calibrate", "evaluate", "evaluate",
+                                                 "evaluate_fp", "quantize", "quantize", "score"]
+    assert all(s["state"] == "done" for s in states)
+    assert "sweep:" in p.stdout and p.stdout.count("ppl/wikitext2") >= 2
+    if comp is not None and comp.exists():
+        jobs = _jobcomp(comp)
+        by_stage: dict[str, list[dict]] = {}
+        for s in states:
+            job = jobs.get(s["job_id"].split("_")[0] + ("_" + s["job_id"].split("_")[1]
+                                                        if "_" in s["job_id"] else ""))
+            job = job or next(j for k, j in jobs.items() if k.startswith(s["job_id"].split("_")[0]))
+            assert job["JobState"] == "COMPLETED"
+            by_stage.setdefault(s["stage"], []).append(job)
+        end = {st: max(j["EndTime"] for j in js) for st, js in by_stage.items()}
+        start = {st: min(j["StartTime"] for j in js) for st, js in by_stage.items()}
+        assert end["calibrate"] <= start["score"] and end["score"] <= start["quantize"]
+        assert end["quantize"] <= max(j["StartTime"] for j in by_stage["evaluate"])
+
+
+def test_failed_stage_on_slurm_cancels_its_dependents(tmp_path):
+    _cluster()
+    env = dict(os.environ, SPIKELLM_DATA_DIR=str(data_dir()))
+    # a model path that exists but holds no checkpoint: calibrate fails inside its job
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    args = [sys.executable, "-m", "pipelines.run", f"paths.outputs={tmp_path}", "launcher=slurm",
+            "launcher.wait=true", "logger=none", f"model.path={bad}", "calib.nsamples=2",
+            "calib.seqlen=64", "eval.seqlen=64", "eval.max_windows=1", "eval.fp_baseline=false"]
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 1
+    sweep = sorted((tmp_path / "sweeps").glob("*/*"))[-1]
+    st = subprocess.run([sys.executable, "-m", "pipelines.status", str(sweep)], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert "calibrate" in st.stdout and "failed" in st.stdout
+    assert st.stdout.count("cancelled") == 2            # quantize and evaluate never ran
