@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, data_dir
 
 REDUCED = ["calib.nsamples=4", "calib.seqlen=128", "eval.seqlen=128", "eval.max_windows=2",
-           "progress=false"]
+           "progress=false", "launcher=local"]
 
 
 def _run(args, tmp_path, env_extra=None):
