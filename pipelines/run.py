@@ -72,6 +72,10 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
         manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir))
     write_json(sweep_dir / "summary.json", {"wall_s": time.time() - t0, "points": len(cfgs),
                                             "counts": counts, "ok": ok})
+    if len(cfgs) > 1:
+        from .report import write_report
+        html, _ = write_report(sweep_dir)
+        print(f"report: {html}")
     return manifests, ok
 
 
