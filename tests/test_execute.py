@@ -70,3 +70,12 @@ def test_failed_stage_cancels_dependents_and_keeps_the_rest(tmp_path, stand_ins)
     calls.clear()
     _run(tmp_path, "s3")
     assert calls == []
+
+
+def test_report_tables_every_point_from_the_sweep_record(tmp_path, stand_ins):
+    from pipelines.report import write_report
+    p, done, sweep_dir = _run(tmp_path, "r1")
+    html, md = write_report(sweep_dir)
+    text = md.read_text()
+    assert text.count("| done |") == 2 and "test/evaluate" in text and "test/quantize" in text
+    assert "<svg" in html.read_text() or "no finished points" in html.read_text()
