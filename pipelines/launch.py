@@ -154,7 +154,7 @@ def _dependency(nodes, pending, job_of, array_of) -> str:
     if not any(ups):
         return ""
     arrays = {array_of[d] for u in ups for d in u}
-    if len(arrays) == 1 and all(len(u) == 1 for u in ups):
+    if len(nodes) > 1 and len(arrays) == 1 and all(len(u) == 1 for u in ups):
         arr = arrays.pop()
         members = [i for i, a in array_of.items() if a == arr]
         if len(members) == len(nodes) and [u[0] for u in ups] == members:

@@ -26,10 +26,12 @@ def _cluster():
 
 
 def _jobcomp(path: Path) -> dict[str, dict]:
+    """SLURM's job-completion records keyed as submitit names jobs: "<array>_<task>" or "<id>"."""
     out = {}
     for line in path.read_text().splitlines():
-        fields = dict(re.findall(r"(\w+)=(\S*)", line))
-        out[fields["JobId"]] = fields
+        f = dict(re.findall(r"(\w+)=(\S*)", line))
+        key = f"{f['ArrayJobId']}_{f['ArrayTaskId']}" if f.get("ArrayJobId") else f["JobId"]
+        out[key] = f
     return out
 
 
@@ -52,10 +54,8 @@ def test_sweep_on_slurm_runs_stages_in_dependency_order(tmp_path):
         jobs = _jobcomp(comp)
         by_stage: dict[str, list[dict]] = {}
         for s in states:
-            job = jobs.get(s["job_id"].split("_")[0] + ("_" + s["job_id"].split("_")[1]
-                                                        if "_" in s["job_id"] else ""))
-            job = job or next(j for k, j in jobs.items() if k.startswith(s["job_id"].split("_")[0]))
-            assert job["JobState"] == "COMPLETED"
+            job = jobs[s["job_id"]]
+            assert job["JobState"] == "COMPLETED" and job["Name"] == f"spikellm-{s['stage']}"
             by_stage.setdefault(s["stage"], []).append(job)
         end = {st: max(j["EndTime"] for j in js) for st, js in by_stage.items()}
         start = {st: min(j["StartTime"] for j in js) for st, js in by_stage.items()}
