@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import socket
 import platform
 import subprocess
@@ -80,9 +81,12 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
     try:
         with tracker.stage_run(node.stage, f"{name}:{node.stage}",
                                {**_config_dict(node.cfg), "stage_key": node.key}) as run:
+            ckpt = store.root / node.stage / f".ckpt-{node.key}"
             art, _ = store.build(node.stage, node.key,
-                                 lambda out: STAGE_FUNCTIONS[node.stage](node.cfg, deps, out),
+                                 lambda out: STAGE_FUNCTIONS[node.stage](node.cfg, deps, out,
+                                                                         checkpoint=ckpt),
                                  record)
+            shutil.rmtree(ckpt, ignore_errors=True)      # committed: block checkpoints done
             run.log(art.metrics)
             stats = art.path / "module_stats.json"
             if stats.exists():

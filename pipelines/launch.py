@@ -57,6 +57,18 @@ def save_plan(plan: Plan, sweep_dir: Path, names: list[str], group: str | None) 
         pickle.dump(blob, f)
 
 
+class NodeJob:
+    """Checkpointable job callable: on submitit's preemption/timeout signal the job is
+    requeued with the same arguments and the stage resumes from its last committed block."""
+
+    def __call__(self, sweep_dir: str, node_id: str) -> str:
+        return run_node_job(sweep_dir, node_id)
+
+    def checkpoint(self, sweep_dir: str, node_id: str):
+        import submitit
+        return submitit.helpers.DelayedSubmission(NodeJob(), sweep_dir, node_id)
+
+
 def run_node_job(sweep_dir: str, node_id: str) -> str:
     """SLURM/submitit entry point: build one stage instance; raise if it fails."""
     from .dag import Node
@@ -128,7 +140,7 @@ def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, names: list[str],
                 extra["dependency"] = dep
             params["slurm_additional_parameters"] = extra
         executor.update_parameters(**params)
-        batch = executor.map_array(run_node_job, [str(sweep_dir)] * len(nodes),
+        batch = executor.map_array(NodeJob(), [str(sweep_dir)] * len(nodes),
                                    [n.id for n in nodes])
         for node, job in zip(nodes, batch):
             job_of[node.id] = job

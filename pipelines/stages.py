@@ -58,7 +58,7 @@ def _tokenizer(cfg):
         resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}"))
 
 
-def calibrate(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+def calibrate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """-> ids.pt: [nsamples, seqlen] calibration token ids."""
     ids = calibration_set(_tokenizer(cfg), OmegaConf.to_object(cfg.calib), cfg.paths.data_dir)
     torch.save(ids, out / "ids.pt")
@@ -69,7 +69,7 @@ def _calib_ids(deps) -> torch.Tensor:
     return torch.load(deps["calibrate"].file("ids.pt"), weights_only=True)
 
 
-def score(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+def score(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """-> diags.pt: {"<block>.<linear>": diag(chol(H⁻¹)) [C_in]} from full-precision activations."""
     lm = load(cfg)
     t0 = time.time()
@@ -79,8 +79,12 @@ def score(cfg, deps: dict[str, Artifact], out: Path) -> dict:
     return {"time/score_s": time.time() - t0}
 
 
-def quantize_stage(cfg, deps: dict[str, Artifact], out: Path) -> dict:
-    """-> weights.safetensors (the quantized block linears), module_stats.json, notes.json."""
+def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None = None,
+                   **_) -> dict:
+    """-> weights.safetensors (the quantized block linears), module_stats.json, notes.json.
+
+    Each finished block is committed to `checkpoint`; a re-run after a kill, preemption or
+    time limit resumes after the last committed block."""
     lm = load(cfg)
     device = resolve_device(cfg.device)
     diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
@@ -89,7 +93,8 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path) -> dict:
         f"spiking={cfg.spiking.mode} on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     report = quantize(lm.model, calib, OmegaConf.to_object(cfg.quant),
                       OmegaConf.to_object(cfg.spiking), batch_size=cfg.batch_size, device=device,
-                      progress=cfg.progress, log=say, saliency_diags=diags)
+                      progress=cfg.progress, log=say, saliency_diags=diags,
+                      checkpoint_dir=checkpoint)
     save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     (out / "notes.json").write_text(json.dumps(report.notes))
@@ -128,12 +133,12 @@ def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
     return out
 
 
-def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Full-precision perplexities: the baseline every quantized point is compared with."""
     return _ppl(cfg, load(cfg), "fp")
 
 
-def evaluate(cfg, deps: dict[str, Artifact], out: Path) -> dict:
+def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Perplexities of the quantized model: the checkpoint's linears replaced by the quantize
     artifact's weights."""
     lm = load(cfg)

@@ -7,9 +7,11 @@ memory) are collected in `ModuleStats` rows.
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -45,6 +47,11 @@ class ModuleStats:
     avg_steps: float
     damp: float
     peak_mem_gb: float
+    c_out: int = 0
+    c_in: int = 0
+    ace: float = 0.0               #: bit-operations per token (see allocation.layer_cost)
+    fp16_ace: float = 0.0
+    additive_fraction: float = 0.0
 
     def row(self) -> dict:
         return asdict(self)
@@ -147,25 +154,69 @@ class InputCollector:
 BlockAlgorithm = Callable[[int, nn.Module, BlockInputs], list[ModuleStats]]
 
 
+def _save_checkpoint(ckpt: Path, i: int, block: nn.Module, hidden: torch.Tensor,
+                     stats: list[ModuleStats]) -> None:
+    """After block i: its state, the next block's inputs, the stats so far (atomic rename)."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / f".block-{i}.tmp"
+    torch.save({"block": i, "state": {k: v.detach().cpu() for k, v in block.state_dict().items()},
+                "hidden": hidden.cpu(), "stats": [r.row() for r in stats]}, tmp)
+    os.replace(tmp, ckpt / f"block-{i:05d}.pt")
+    for old in ckpt.glob("block-*.pt"):           # keep the block states, drop old inputs
+        if old.name != f"block-{i:05d}.pt":
+            data = torch.load(old, weights_only=True)
+            if "hidden" in data:
+                data.pop("hidden")
+                torch.save(data, tmp)
+                os.replace(tmp, old)
+
+
+def _resume(ckpt: Path | None, blocks: nn.ModuleList, device) -> tuple[int, torch.Tensor | None, list]:
+    """Restore blocks 0..k from a checkpoint; returns (k+1, inputs of block k+1, stats)."""
+    if ckpt is None or not ckpt.exists():
+        return 0, None, []
+    files = sorted(ckpt.glob("block-*.pt"))
+    if not files:
+        return 0, None, []
+    last = torch.load(files[-1], weights_only=True)
+    for f in files:
+        data = last if f == files[-1] else torch.load(f, weights_only=True)
+        blocks[data["block"]].load_state_dict(data["state"])
+    stats = [ModuleStats(**r) for r in last["stats"]]
+    return last["block"] + 1, last["hidden"].to(device), stats
+
+
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorithm: BlockAlgorithm,
                   device="cpu", batch_size: int = 8, progress: bool = True,
-                  desc: str = "quantize") -> list[ModuleStats]:
+                  desc: str = "quantize", checkpoint_dir: str | os.PathLike | None = None,
+                  log=None) -> list[ModuleStats]:
     """Capture block-0 inputs for ids [N, seqlen], then per block: `algorithm(i, block, inputs)`
     (which changes the block in place and returns stats rows), recompute the outputs, move on.
-    A progress bar per block shows the block's summed loss and elapsed time."""
+    A progress bar per block shows the block's summed loss and elapsed time.
+
+    With `checkpoint_dir`, every finished block is committed there (its weights and the next
+    block's inputs), and a later call with the same directory resumes after the last committed
+    block with the same result as an uninterrupted run."""
     from tqdm.auto import tqdm
 
-    inputs = capture_block_inputs(model, spec, ids, device)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     blocks = blocks_of(model, spec)
-    stats: list[ModuleStats] = []
-    bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    start, hidden, stats = _resume(ckpt, blocks, device)
+    inputs = capture_block_inputs(model, spec, ids if start == 0 else ids[:1], device)
+    if start:
+        inputs = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+        if log is not None:
+            log(f"resuming after block {start - 1} from {ckpt}")
+    bar = tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, initial=start, total=len(blocks))
     t_start = time.time()
     for i in bar:
         block = blocks[i]
         rows = algorithm(i, block, inputs)
         stats.extend(rows)
         inputs = BlockInputs(hidden=forward_block(block, inputs, batch_size), kwargs=inputs.kwargs)
+        if ckpt is not None:
+            _save_checkpoint(ckpt, i, block, inputs.hidden, stats)
         bar.set_postfix(loss=f"{sum(r.loss for r in rows):.3g}",
                         elapsed=f"{time.time() - t_start:.0f}s")
     return stats

@@ -119,19 +119,24 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
                                         seconds=time.time() - t0,
                                         samples=inputs.hidden.shape[0],
                                         avg_steps=info["avg_steps"], damp=info["damp"],
-                                        peak_mem_gb=peak_memory_gb(layer.weight.device)))
+                                        peak_mem_gb=peak_memory_gb(layer.weight.device),
+                                        c_out=cost.c_out, c_in=cost.c_in, ace=cost.ace,
+                                        fp16_ace=cost.fp16_ace,
+                                        additive_fraction=cost.additive_fraction))
         return rows
     return algorithm
 
 
 def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = None,
              s: SpikingConfig | None = None, batch_size: int = 8, device="cpu",
-             progress: bool = True, log=print, saliency_diags: dict | None = None) -> QuantReport:
+             progress: bool = True, log=print, saliency_diags: dict | None = None,
+             checkpoint_dir=None) -> QuantReport:
     """Quantize all decoder-block linears of `model` in place.
 
     calib_ids [N, seqlen] calibration token ids. `saliency_diags` ("<block>.<linear>" ->
     diag(chol(H⁻¹)) [C_in], see `fp_saliency_diagonals`) scores spiking saliency on fixed
-    Hessians instead of the sequential ones. Returns per-module stats and the cost of the
+    Hessians instead of the sequential ones. `checkpoint_dir` commits every finished block and
+    resumes after the last committed one (preemption, kills). Returns per-module stats and the cost of the
     resulting allocation (equal steps, ACE relative to FP16, additive share)."""
     q = q or QuantConfig()
     s = s or SpikingConfig()
@@ -149,7 +154,11 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
     else:
         stats = run_blockwise(model, spec, calib_ids, algorithm, device=device,
                               batch_size=batch_size, progress=progress,
-                              desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}")
+                              desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}",
+                              checkpoint_dir=checkpoint_dir, log=log)
+    # from the stats rows, so blocks restored from a checkpoint are counted too
+    costs = [LayerCost(f"{r.block}.{r.module}", r.c_out, r.c_in, r.avg_steps, r.ace, r.fp16_ace,
+                       r.additive_fraction) for r in stats]
     total = total_cost(costs)
     # baseline: the same grid with one step everywhere (plain W-bit, or plain ternary / binary)
     base_bits = s.spike_bits if s.mode == "ternary" else (1.0 if q.method == "pbllm" else q.wbits)

@@ -21,7 +21,7 @@ def stand_ins(monkeypatch):
     calls = []
 
     def make(stage, fail=False):
-        def fn(cfg, deps, out):
+        def fn(cfg, deps, out, **_):
             calls.append(stage)
             if fail:
                 raise RuntimeError(f"{stage} broke on purpose")
