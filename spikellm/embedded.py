@@ -40,7 +40,8 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -54,7 +55,7 @@ def _is_valid(ckpt: Path) -> bool:
     if not (stamp.exists() and weights.exists()):
         return False
     try:
-        return json.loads(stamp.read_text())["sha256"] == _sha256(weights)
+        return json.loads(stamp.read_text())["sha256"] == sha256_file(weights)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -88,7 +89,7 @@ def embedded_checkpoint() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "spikellm_checksum.json").write_text(json.dumps(
-            {"sha256": _sha256(tmp / "model.safetensors"), "source": src.name}))
+            {"sha256": sha256_file(tmp / "model.safetensors"), "source": src.name}))
         if ckpt.exists():
             shutil.rmtree(ckpt)
         os.replace(tmp, ckpt)
