@@ -190,10 +190,17 @@ def wait_slurm(jobs: list, plan: Plan, sweep_dir: Path, poll_s: float = 2.0) -> 
     import json
     import time
     ids = {str(j.job_id) for j in jobs}
+    failures = 0
     while True:
         live = _squeue_ids()
-        if live is not None and not (ids & live):
+        if live is None:
+            failures += 1
+            if failures > 60:
+                raise RuntimeError("squeue keeps failing: is SLURM_CONF set and the controller up?")
+        elif not (ids & live):
             break
+        else:
+            failures = 0
         time.sleep(poll_s)
     from .execute import state_path
     for node in plan.nodes.values():
