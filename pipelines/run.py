@@ -136,7 +136,8 @@ def print_table(manifest: dict, path: Path) -> None:
     cfg = manifest["config"]
     sp = cfg["spiking"]
     spiking = "none" if sp["mode"] == "none" else \
-        f"{sp['mode']} ({sp['ratio']:.0%} of columns x {sp['steps']} steps, {sp['select']})"
+        f"{sp['mode']} ({sp['ratio']:.0%} of {'weights' if sp.get('granularity') == 'element' else 'columns'}"
+        f" x {sp['steps']} steps, {sp['select']})"
     print(f"\nspikellm  model={cfg['model']['name']}  quant={manifest['choices']['quant']} "
           f"(wbits={cfg['quant']['wbits']}, group={cfg['quant']['group_size'] or 'per-channel'})  "
           f"spiking={spiking}")

@@ -30,7 +30,8 @@ class QuantConfig:
 @dataclass
 class SpikingConfig:
     """SpikeLLM spiking weights. `mode=ternary`: every weight column is a T-step ternary GIF;
-    the top `ratio` of columns by Hessian saliency (or at random) get `steps` steps, the rest 1."""
+    the top `ratio` of weights (`granularity=element`, per output row) or of columns
+    (`granularity=column`) by Hessian saliency (or at random) get `steps` steps, the rest 1."""
     mode: str = "none"
     ratio: float = 0.0
     steps: int = 1
