@@ -11,12 +11,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from omegaconf import DictConfig, OmegaConf
 
 from .schema import typed, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "quant", "spiking", "calib", "eval", "logger", "launcher")
+GROUPS = ("model", "quant", "spiking", "calib", "eval", "logger", "launcher", "experiment")
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,8 @@ def group_options(group: str) -> list[str]:
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra's basic-sweeper expansion: the cartesian product of every sweep override."""
+    """Hydra's basic-sweeper expansion: the cartesian product of every sweep override
+    (`a=1,2`, `range(1,4)`, `choice(...)`, and `glob(...)` over a config group's options)."""
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(overrides)
@@ -37,11 +39,49 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     axes = []
     for o in parsed:
         key = o.get_key_element()
-        if o.is_sweep_override():
+        if isinstance(o.value(), Glob):
+            group = o.key_or_group
+            if group not in GROUPS:
+                raise ConfigError(f"{key}: glob() selects config-group options; use it on one of "
+                                  f"{', '.join(GROUPS)} (for values write {key}=a,b)")
+            chosen = o.value().filter(group_options(group))
+            if not chosen:
+                raise ConfigError(f"{key}={o.input_line.split('=', 1)[1]} matches no option; "
+                                  f"choose from: {', '.join(group_options(group))}")
+            axes.append([f"{key}={v}" for v in chosen])
+        elif o.is_sweep_override():
             axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             axes.append([f"{key}={o.get_value_element_as_str()}"])
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
+
+
+def recipe_sweep(overrides: list[str]) -> list[str]:
+    """Sweep overrides that the composed config declares under `hydra.sweeper.params` (how an
+    `experiment=` recipe carries its sweep, as with Hydra's basic sweeper), minus the keys the
+    command line sets itself (the command line wins)."""
+    _check_groups(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+    params = cfg.hydra.sweeper.get("params") or {}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [f"{k}={v}" for k, v in params.items() if k not in given]
+
+
+def expand_points(overrides: list[str]) -> list[list[str]]:
+    """All points of a `-m` run: the command-line sweep, each point extended by the sweep its
+    `experiment=` recipe declares. Order is kept; duplicate points are dropped."""
+    points: list[list[str]] = []
+    for p in expand_sweep(overrides):
+        extra = recipe_sweep(p)
+        for q in (expand_sweep(extra + p) if extra else [p]):
+            if q not in points:
+                points.append(q)
+    return points
 
 
 def _check_groups(overrides: list[str]) -> None:
@@ -90,6 +130,8 @@ def run_name(cfg: DictConfig) -> str:
     if cfg.name:
         return str(cfg.name)
     parts = [cfg._choices["model"], cfg._choices["quant"], cfg._choices["spiking"]]
+    if cfg._choices.get("experiment"):
+        parts.insert(0, cfg._choices["experiment"])
     extra = [o for o in cfg._overrides if o.split("=")[0] not in GROUPS]
     parts += [o.replace("=", "") .replace("/", "_") for o in extra]
     return "-".join(str(p) for p in parts)[:120]

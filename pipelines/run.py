@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from spikellm.data import DataError
 
 from . import stages
-from .config import ConfigError, compose_config, expand_sweep, run_name
+from .config import ConfigError, compose_config, expand_points, expand_sweep, recipe_sweep, run_name
 from .schema import preflight
 from .store import write_json
 
@@ -165,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     show_cfg = "--cfg" in argv
     overrides = [a for a in argv if a not in ("-m", "--multirun", "--cfg")]
     try:
-        points = expand_sweep(overrides) if multirun else [overrides]
+        points = expand_points(overrides) if multirun else [overrides]
         if not multirun and len(expand_sweep(overrides)) > 1:
             raise ConfigError("an override sweeps several values (a=1,2): add -m to run a sweep")
+        if not multirun and recipe_sweep(overrides):
+            print(f"[spikellm] note: this recipe declares a sweep ({' '.join(recipe_sweep(overrides))}); "
+                  "running its default point only, add -m to run the sweep", file=sys.stderr)
         cfgs = [compose_config(p) for p in points]   # every point validated before any work
         if not show_cfg:
             for c in cfgs:

@@ -1,13 +1,13 @@
 import pytest
 
-from pipelines.config import ConfigError, compose_config, expand_sweep, group_options
+from pipelines.config import ConfigError, compose_config, expand_points, expand_sweep, group_options
 
 CONTRACT_KEYS = ["quant.wbits", "quant.group_size", "spiking.ratio", "spiking.steps",
                  "spiking.select", "calib.nsamples", "calib.seqlen", "eval.seqlen",
                  "eval.max_windows", "paths.outputs", "paths.data_dir"]
 
 
-@pytest.mark.parametrize("group", ["model", "quant", "spiking", "calib", "eval"])
+@pytest.mark.parametrize("group", ["model", "quant", "spiking", "calib", "eval", "experiment"])
 def test_every_config_option_composes_and_validates(group):
     options = group_options(group)
     assert options
@@ -53,3 +53,28 @@ def test_sweep_expansion_uses_hydra_grammar():
     pts = expand_sweep(["spiking.ratio=0,0.1", "spiking.select=saliency,random", "quant.wbits=3"])
     assert len(pts) == 4 and all("quant.wbits=3" in p for p in pts)
     assert len(expand_sweep(["spiking.steps=range(1,4)"])) == 3
+
+
+def test_glob_sweeps_config_group_options():
+    assert expand_sweep(["model=glob(llama2_*)"]) == [
+        ["model=llama2_13b"], ["model=llama2_70b"], ["model=llama2_7b"]]
+    quants = expand_sweep(["quant=glob(*,exclude=pbllm)", "spiking=none"])
+    assert [p[0] for p in quants] == ["quant=gptq", "quant=rtn"]
+    with pytest.raises(ConfigError, match="spiking.ratio: glob"):
+        expand_sweep(["spiking.ratio=glob(*)"])
+    with pytest.raises(ConfigError, match="matches no option"):
+        expand_sweep(["model=glob(gpt*)"])
+
+
+def test_experiment_recipe_carries_settings_and_its_sweep():
+    cfg = compose_config(["experiment=paper_gptq", "model=llama2_70b"])
+    assert (cfg.model.name, cfg.calib.dataset, cfg.calib.nsamples, cfg.calib.seqlen) == \
+        ("llama2_70b", "c4", 128, 2048)
+    assert cfg._choices["experiment"] == "paper_gptq" and cfg.spiking.mode == "ternary"
+    points = expand_points(["experiment=ratio_sweep"])
+    assert len(points) == 8
+    assert {compose_config(p).calib.nsamples for p in points} == {16}
+    # the command line wins over the recipe's sweep for the same key
+    points = expand_points(["experiment=ratio_sweep", "spiking.ratio=0.1"])
+    assert len(points) == 2
+    assert {compose_config(p).spiking.ratio for p in points} == {0.1}

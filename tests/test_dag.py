@@ -15,6 +15,12 @@ def test_eight_point_sweep_shares_calibration_and_scores():
     assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "score": 1, "quantize": 8, "evaluate": 8}
 
 
+def test_ratio_sweep_recipe_plans_like_the_command_line_sweep():
+    from pipelines.config import expand_points
+    p = plan([compose_config(q) for q in expand_points(["experiment=ratio_sweep"])])
+    assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "score": 1, "quantize": 8, "evaluate": 8}
+
+
 def test_sequential_saliency_needs_no_score_stage():
     p = plan(_cfgs(SWEEP))
     assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "quantize": 8, "evaluate": 8}
