@@ -24,6 +24,16 @@ from .store import write_json
 METRIC_ORDER = ("ppl/fp/", "ppl/", "cost/avg_steps", "cost/ace", "cost/", "time/", "mem/")
 
 
+def _state_counts(sweep_dir: Path) -> dict[str, dict[str, int]]:
+    """{state: {stage: count}} over the sweep's stage instances (done = executed here)."""
+    from .status import collect
+    out: dict[str, dict[str, int]] = {}
+    for r in collect(sweep_dir):
+        per = out.setdefault(r["state"], {})
+        per[r["stage"]] = per.get(r["stage"], 0) + 1
+    return out
+
+
 def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
     """Plan all points as one DAG, run each distinct stage once, write one manifest per point.
     Returns (manifest paths, all succeeded)."""
@@ -70,8 +80,13 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
                   f"see python -m pipelines.status {sweep_dir}", file=sys.stderr)
             continue
         manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir))
-    write_json(sweep_dir / "summary.json", {"wall_s": time.time() - t0, "points": len(cfgs),
-                                            "counts": counts, "ok": ok})
+    executed = _state_counts(sweep_dir)
+    wall = time.time() - t0
+    write_json(sweep_dir / "summary.json", {"wall_s": wall, "points": len(cfgs), "counts": counts,
+                                            "states": executed, "ok": ok})
+    stages.say("stages " + "; ".join(
+        f"{state}: " + ", ".join(f"{st} {n}" for st, n in per.items())
+        for state, per in executed.items()) + f"; wall {wall:.1f}s")
     if len(cfgs) > 1:
         from .report import write_report
         html, _ = write_report(sweep_dir)
@@ -135,9 +150,9 @@ def _ordered(metrics: dict) -> list[str]:
 def print_table(manifest: dict, path: Path) -> None:
     cfg = manifest["config"]
     sp = cfg["spiking"]
+    unit = "weights" if sp.get("granularity") == "element" else "columns"
     spiking = "none" if sp["mode"] == "none" else \
-        f"{sp['mode']} ({sp['ratio']:.0%} of {'weights' if sp.get('granularity') == 'element' else 'columns'}"
-        f" x {sp['steps']} steps, {sp['select']})"
+        f"{sp['mode']} ({sp['ratio']:.0%} of {unit} x {sp['steps']} steps, {sp['select']})"
     print(f"\nspikellm  model={cfg['model']['name']}  quant={manifest['choices']['quant']} "
           f"(wbits={cfg['quant']['wbits']}, group={cfg['quant']['group_size'] or 'per-channel'})  "
           f"spiking={spiking}")
