@@ -115,6 +115,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).strip().splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    if merged.spiking.mode == "gif" and not any(o.startswith("spiking.steps=") for o in overrides):
+        merged.spiking.steps = 2 ** merged.spiking.addbit   # GIF steps follow spiking.addbit
     try:
         validate(merged)
     except ValueError as e:

@@ -75,7 +75,7 @@ def stages_of(cfg) -> list[tuple[str, dict[str, str]]]:
     out = [("calibrate", {})]
     if cfg.eval.fp_baseline:
         out.append(("evaluate_fp", {}))
-    needs_score = cfg.spiking.mode != "none" and cfg.spiking.saliency_from == "fp"
+    needs_score = cfg.spiking.mode == "ternary" and cfg.spiking.saliency_from == "fp"
     if needs_score:
         out.append(("score", {"calibrate": "calibrate"}))
     q_deps = {"calibrate": "calibrate", **({"score": "score"} if needs_score else {})}

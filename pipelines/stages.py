@@ -81,10 +81,12 @@ def score(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
 
 def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None = None,
                    **_) -> dict:
-    """-> weights.safetensors (the quantized block linears), module_stats.json, notes.json.
+    """-> weights.safetensors (the quantized blocks), module_stats.json, notes.json.
 
     Each finished block is committed to `checkpoint`; a re-run after a kill, preemption or
     time limit resumes after the last committed block."""
+    if cfg.quant.method == "omniquant":
+        return _omniquant_stage(cfg, deps, out, checkpoint)
     lm = load(cfg)
     device = resolve_device(cfg.device)
     diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
@@ -98,12 +100,53 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
     save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     (out / "notes.json").write_text(json.dumps(report.notes))
-    if cfg.save_model:
-        lm.model.save_pretrained(out / "model")
-        lm.tokenizer.save_pretrained(out / "model")
+    _save_model(cfg, lm, out)
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
     return metrics
+
+
+def _save_model(cfg, lm: LoadedModel, out: Path) -> None:
+    if cfg.save_model:
+        lm.model.save_pretrained(out / "model")
+        lm.tokenizer.save_pretrained(out / "model")
+
+
+def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None) -> dict:
+    """OmniQuant (+ GIF spiking): -> weights.safetensors with every block tensor (folded
+    weights, norms, activation/KV masks), omni_params.safetensors (LET scales, LWC factors,
+    per-epoch losses), module_stats.json."""
+    from spikellm.omni_cost import omniquant_cost
+    from spikellm.omniquant import omniquant
+    lm = load(cfg)
+    device = resolve_device(cfg.device)
+    calib = _calib_ids(deps)
+    q, s = OmegaConf.to_object(cfg.quant), OmegaConf.to_object(cfg.spiking)
+    say(f"omniquant {cfg.model.name}: W{q.wbits}A{q.abits} spiking={s.mode}"
+        + (f" (ratio {s.ratio}, addbit {s.addbit}, {s.select})" if s.mode == "gif" else "")
+        + f", {q.epochs} epoch(s) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+    t0 = time.time()
+    stats, params = omniquant(lm.model, calib.to(device), q, s, device=device,
+                              batch_size=cfg.batch_size, progress=cfg.progress,
+                              checkpoint_dir=checkpoint, log=say)
+    seconds = time.time() - t0
+    save_file(_block_tensors(lm), str(out / "weights.safetensors"))
+    save_file({k: v.contiguous() for k, v in params.items()}, str(out / "omni_params.safetensors"))
+    (out / "module_stats.json").write_text(json.dumps([r.row() for r in stats], indent=1))
+    _save_model(cfg, lm, out)
+    metrics = {f"cost/{k}": v for k, v in omniquant_cost(lm.model, q, s).items()}
+    metrics.update({"time/quantize_s": seconds, "mem/peak_gb": peak_memory_gb(device),
+                    "time/block_epoch_s": seconds / max(1, len(stats)) / max(1, q.epochs)})
+    return metrics
+
+
+def _block_tensors(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    """Every tensor of every block (parameters and buffers such as the salient masks)."""
+    out = {}
+    for i, block in enumerate(blocks_of(lm.model, lm.spec)):
+        for k, v in block.state_dict().items():
+            out[f"{lm.spec.blocks}.{i}.{k}"] = v.detach().contiguous().cpu()
+    return out
 
 
 def _block_linear_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
@@ -142,9 +185,13 @@ def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Perplexities of the quantized model: the checkpoint's linears replaced by the quantize
     artifact's weights."""
     lm = load(cfg)
+    if cfg.quant.method == "omniquant":   # runtime activation/KV quantizers whose masks load below
+        from spikellm.omniquant import wrap_for_inference
+        wrap_for_inference(lm.model, OmegaConf.to_object(cfg.quant), OmegaConf.to_object(cfg.spiking))
     weights = load_file(str(deps["quantize"].file("weights.safetensors")))
     missing = lm.model.load_state_dict(
-        {k: v.to(lm.model.dtype) for k, v in weights.items()}, strict=False)
+        {k: v if v.dtype == torch.bool else v.to(lm.model.dtype) for k, v in weights.items()},
+        strict=False)
     if missing.unexpected_keys:
         raise RuntimeError(f"quantized weights do not fit the model: {missing.unexpected_keys[:3]}")
     return _ppl(cfg, lm, "quant")

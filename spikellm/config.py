@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("rtn", "gptq", "pbllm")
-SPIKING_MODES = ("none", "ternary")
+METHODS = ("rtn", "gptq", "pbllm", "omniquant")
+SPIKING_MODES = ("none", "ternary", "gif")
 SELECT = ("saliency", "random")
 
 
@@ -25,6 +25,28 @@ class QuantConfig:
     #: PB-LLM: fraction of weights kept at `high_bits` (1 - low_frac)
     salient_frac: float = 0.05
     high_bits: int = 8
+    # ---- OmniQuant (method=omniquant; method.md §4) ----
+    #: activation bits of every linear input and of Q/K/V (16 = unquantized activations)
+    abits: int = 16
+    #: block-wise training epochs over the calibration set (0 = initialisation only)
+    epochs: int = 0
+    #: learnable weight clipping / learnable equivalent transformation
+    lwc: bool = True
+    let: bool = True
+    #: K quantized per (head, channel) over tokens ("channel", SpikeLLM code) or per token ("token", OmniQuant)
+    k_axis: str = "channel"
+    let_lr: float = 1e-3
+    lwc_lr: float = 1e-2
+    wd: float = 0.0
+    #: SmoothQuant exponent of the LET initialisation
+    alpha: float = 0.75
+    #: calibration samples per training step
+    train_batch: int = 1
+    #: what a NaN/inf loss does: "fail" the stage, or "fp32": retrain the block without autocast
+    nan_policy: str = "fail"
+    #: autocast (bf16) for the block training on CUDA; CPU always trains in float32
+    amp: bool = True
+    seed: int = 2
 
 
 @dataclass
@@ -52,6 +74,28 @@ class SpikingConfig:
     seed: int = 0
     #: bits counted per ternary spike in ACE (a ±1/0 spike is one signed accumulate)
     spike_bits: float = 1.0
+    # ---- GIF spiking in the OmniQuant pipeline (mode=gif) ----
+    #: salient channels get 2**addbit GIF steps, i.e. bits+addbit over the same range
+    addbit: int = 1
+    #: what spikes: "act" (linear inputs and K/V), "weight" (Hessian-salient weight columns),
+    #: "both", or "auto" (weights when quant.wbits < quant.abits, e.g. W2A8/W2A16, else activations)
+    target: str = "auto"
+    #: GIF steps of the salient K/V channels (SpikeLLM forces 1 extra bit: 2 steps)
+    kv_addbit: int = 1
+
+    def spikes_acts(self, q: "QuantConfig") -> bool:
+        if self.mode != "gif":
+            return False
+        if self.target == "auto":
+            return not q.wbits < q.abits
+        return self.target in ("act", "both")
+
+    def spikes_weights(self, q: "QuantConfig") -> bool:
+        if self.mode != "gif":
+            return False
+        if self.target == "auto":
+            return q.wbits < q.abits
+        return self.target in ("weight", "both")
 
 
 def validate(q: QuantConfig, s: SpikingConfig) -> None:
@@ -73,6 +117,20 @@ def validate(q: QuantConfig, s: SpikingConfig) -> None:
         (s.granularity in ("column", "element"), "spiking.granularity", "column or element", s.granularity),
         (s.saliency_from in ("sequential", "fp"), "spiking.saliency_from", "sequential or fp", s.saliency_from),
         (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),
+        (1 <= q.abits <= 16, "quant.abits", "an integer in 1..16", q.abits),
+        (q.epochs >= 0, "quant.epochs", ">= 0", q.epochs),
+        (q.k_axis in ("channel", "token"), "quant.k_axis", "channel or token", q.k_axis),
+        (q.train_batch >= 1, "quant.train_batch", ">= 1", q.train_batch),
+        (q.nan_policy in ("fail", "fp32"), "quant.nan_policy", "fail or fp32", q.nan_policy),
+        (0 <= q.alpha <= 1, "quant.alpha", "in [0, 1]", q.alpha),
+        (0 <= s.addbit <= 8, "spiking.addbit", "an integer in 0..8", s.addbit),
+        (s.target in ("auto", "act", "weight", "both"), "spiking.target", "auto, act, weight or both", s.target),
+        (not (s.mode == "gif" and q.method != "omniquant"), "spiking",
+         "ternary or none with quant=" + q.method + " (spiking=t2/t4 need quant=omniquant)", s.mode),
+        (not (s.mode == "ternary" and q.method == "omniquant"), "spiking",
+         "none, t2 or t4 with quant=omniquant", s.mode),
+        (not (s.mode == "gif" and s.steps != 2 ** s.addbit), "spiking.steps",
+         f"2**spiking.addbit = {2 ** s.addbit} in gif mode (set spiking.addbit instead)", s.steps),
     ]
     for ok, key, allowed, value in checks:
         if not ok:

@@ -1,0 +1,136 @@
+"""Quantized attention with spiking K and V, without re-implementing the decoder layer.
+
+transformers' LLaMA-family attention computes Q, K, V (after RoPE) and hands them to a function
+from its attention registry. We register one, "spikellm", that quantizes the operands of the two
+bilinear products when the attention module carries a `KVQuantizer` (method.md §3.2, §4):
+
+- Q: b bits per token per head (over head_dim), no spiking;
+- K: b bits, salient (kv-head, channel) pairs with 2 GIF steps; quantized per channel over the
+  tokens of the window (`k_axis="channel"`, SpikeLLM's code, non-causal inside a window) or per
+  token over head_dim (`k_axis="token"`, OmniQuant);
+- V: b bits per token per head, salient channels with 2 GIF steps;
+- softmax P: unquantized.
+
+Attention modules without a `kv_quant` attribute run plain eager attention. With
+`collect=True` the quantizer accumulates the KV saliency of the full-precision operands instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .omni_quantizers import GIFActQuantizer
+from .saliency import kv_saliency
+
+IMPLEMENTATION = "spikellm"
+
+
+class KVQuantizer(nn.Module):
+    """Per-attention-module quantizers and KV saliency; shapes for `kv_heads` heads of `head_dim`."""
+
+    def __init__(self, bits: int, kv_heads: int, head_dim: int, k_axis: str = "channel",
+                 kv_addbit: int = 1):
+        super().__init__()
+        if k_axis not in ("channel", "token"):
+            raise ValueError("quant.k_axis must be 'channel' or 'token'")
+        self.k_axis, self.kv_heads, self.head_dim = k_axis, kv_heads, head_dim
+        self.q = GIFActQuantizer(bits, (1,), addbit=0)
+        k_shape = (kv_heads, head_dim, 1) if k_axis == "channel" else (kv_heads, 1, head_dim)
+        self.k = GIFActQuantizer(bits, k_shape, addbit=kv_addbit)
+        self.v = GIFActQuantizer(bits, (kv_heads, 1, head_dim), addbit=kv_addbit)
+        self.collect = False
+        self._sal = {"k": None, "v": None}
+        self._batches = 0
+
+    # -- saliency -----------------------------------------------------------------------------
+    def _group(self, s: torch.Tensor) -> torch.Tensor:
+        """[heads, d] per query head -> [kv_heads, d], summed over the heads sharing a kv head."""
+        return s.reshape(self.kv_heads, -1, self.head_dim).sum(1)
+
+    @torch.no_grad()
+    def accumulate(self, query, key_rep, probs, value_rep) -> None:
+        """query [b,h,l,d], key_rep/value_rep [b,h,l,d] (repeated to h heads), probs [b,h,l,l]."""
+        sk = self._group(kv_saliency(query.float(), key_rep.float().transpose(2, 3), "k"))
+        sv = self._group(kv_saliency(probs.float(), value_rep.float(), "v"))
+        for name, s in (("k", sk), ("v", sv)):
+            self._sal[name] = s if self._sal[name] is None else self._sal[name] + s
+        self._batches += 1
+
+    def saliency(self) -> dict[str, torch.Tensor]:
+        """{"k": [kv_heads, d], "v": [kv_heads, d]} mean over the collected batches."""
+        if not self._batches:
+            raise RuntimeError("no KV saliency collected (run the block with collect=True first)")
+        return {k: v / self._batches for k, v in self._sal.items()}
+
+    def set_masks(self, k_mask: torch.Tensor, v_mask: torch.Tensor) -> None:
+        """k_mask, v_mask [kv_heads, d] bool (True = salient)."""
+        self.k.set_salient(k_mask)
+        self.v.set_salient(v_mask)
+        self._sal, self._batches = {"k": None, "v": None}, 0
+
+    def set_enabled(self, on: bool) -> None:
+        for m in (self.q, self.k, self.v):
+            m.enabled = on
+
+    # -- quantization -------------------------------------------------------------------------
+    def quant_q(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q(q)
+
+    def quant_k(self, k: torch.Tensor) -> torch.Tensor:
+        """k [b, kv_heads, l, d]."""
+        if self.k_axis == "channel":
+            return self.k(k.transpose(2, 3)).transpose(2, 3)
+        return self.k(k)
+
+    def quant_v(self, v: torch.Tensor) -> torch.Tensor:
+        return self.v(v)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def spiking_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                      **kwargs):
+    """Eager attention with quantized Q, spiking K/V. query [b,h,l,d], key/value [b,kvh,s,d];
+    returns (output [b,l,h,d], probs [b,h,l,s])."""
+    kvq: KVQuantizer | None = getattr(module, "kv_quant", None)
+    n_rep = query.shape[1] // key.shape[1]
+    if kvq is not None and not kvq.collect:
+        query, key, value = kvq.quant_q(query), kvq.quant_k(key), kvq.quant_v(value)
+    k_rep, v_rep = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : k_rep.shape[-2]]
+    elif query.shape[2] > 1:   # no explicit mask: causal over a full window
+        l, s = query.shape[2], k_rep.shape[2]
+        causal = torch.ones(l, s, dtype=torch.bool, device=query.device).tril(s - l)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if kvq is not None and kvq.collect:
+        kvq.accumulate(query, k_rep, probs, v_rep)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, v_rep).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def register() -> None:
+    """Make `attn_implementation="spikellm"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(IMPLEMENTATION, spiking_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def use_spiking_attention(model: nn.Module) -> None:
+    """Switch a loaded model to the "spikellm" attention function (eager maths + quantizers)."""
+    register()
+    model.config._attn_implementation = IMPLEMENTATION
+    for sub in (getattr(model.config, "text_config", None),):
+        if sub is not None:
+            sub._attn_implementation = IMPLEMENTATION

@@ -1,0 +1,35 @@
+"""Compute cost (ACE, method.md §7.4) of a model quantized by the OmniQuant pipeline.
+
+Per linear layer and token: Σ_j C_out · w_bits · a_bits · T_j, where T_j is the number of GIF
+steps of input channel j: 2**addbit on salient activation channels (each step a b-bit spike)
+and/or 2**addbit on spiking weight columns, 1 elsewhere. The plain baseline is the same W/A grid
+with one step everywhere (W4A4: 16 per MAC); FP16 is 256 per MAC. Only the linear layers are
+counted (the Q·Kᵀ and P·V products are not).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .allocation import layer_cost, total_cost
+from .config import QuantConfig, SpikingConfig
+
+
+def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[str, float]:
+    """{avg_steps, ace, ace_rel_fp16, ace_rel_baseline, additive_fraction} over every QuantLinear."""
+    from .omniquant import QuantLinear
+    steps_per = 2 ** s.addbit if s.mode == "gif" else 1
+    layers, base = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        t = torch.ones(m.in_features)
+        if m.act_quant is not None:
+            t = torch.where(m.act_quant.salient.reshape(-1).cpu(), float(steps_per), t)
+        t = torch.where(m.w_salient.cpu(), t * steps_per, t)
+        layers.append(layer_cost(name, m.out_features, m.in_features, t, q.wbits, q.abits))
+        base.append(layer_cost(name, m.out_features, m.in_features, torch.ones(m.in_features),
+                               q.wbits, q.abits))
+    out = total_cost(layers)
+    out["ace_rel_baseline"] = out["ace"] / max(total_cost(base)["ace"], 1e-12)
+    return out

@@ -1,0 +1,440 @@
+"""The OmniQuant pipeline with SpikeLLM's spiking activations, KV cache and weights (method.md §4).
+
+Per decoder block i:
+1. full-precision targets: fp_out = block(fp_in) with quantization off (and, on the same pass,
+   the per-channel |x| maxima of the q/o/up inputs that LET starts from);
+2. mask pass: the block in full precision on the quantized prefix's outputs q_in; activation
+   saliency per linear (§3.1), KV saliency (§3.2), Hessians for weight spiking (§3.3);
+   the top `spiking.ratio` channels become salient;
+3. LET (init by SmoothQuant, α) and LWC (σ(4)) parameters; AdamW for `quant.epochs` over the
+   calibration samples, MSE(block_q(q_in), fp_out);
+4. LET folded into weights and norms, weights quantized in place, activation quantizers and
+   masks kept as module buffers (saved with the weights: the official code loses them, B1);
+5. q_in <- block_q(q_in), fp_in <- fp_out; the block is committed to the checkpoint.
+
+The quantized model keeps `QuantLinear` modules (dynamic per-token activation quantizers) and
+`KVQuantizer`s on its attention modules; `wrap_for_inference` rebuilds them on a fresh model so
+that a saved state dict (weights + masks) loads back.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .allocation import salient_mask
+from .blockwise import BlockInputs, InputCollector, ModuleStats, capture_block_inputs, forward_block, peak_memory_gb
+from .config import QuantConfig, SpikingConfig
+from .gif import integer_codes, per_token_params, spike_train
+from .gptq import HessianAccumulator
+from .let import ROLES, LETParams, fold_norms, smooth_init, transformed_weight
+from .models import FamilySpec, blocks_of, family_of, set_module
+from .omni_attention import KVQuantizer, use_spiking_attention
+from .omni_quantizers import GIFActQuantizer, LWCWeightQuantizer
+from .saliency import ActivationSaliency, hessian_column_saliency, inverse_hessian_cholesky
+
+
+class QuantLinear(nn.Module):
+    """An nn.Linear with a per-token activation quantizer and a (LWC) weight quantizer.
+
+    Keeps `weight` [C_out, C_in] and `bias` under their names, so state dicts stay compatible.
+    During calibration `let` (a `LETParams`, not a submodule) and `role` apply the LET factors
+    on the fly: x / s_in, W·diag(s_col) scaled per row."""
+
+    def __init__(self, linear: nn.Linear, act_quant: GIFActQuantizer | None = None,
+                 weight_quant: LWCWeightQuantizer | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.act_quant = act_quant
+        self.weight_quant = weight_quant
+        #: the weight columns that were quantized with 2**addbit GIF steps (weight spiking)
+        self.register_buffer("w_salient", torch.zeros(linear.in_features, dtype=torch.bool,
+                                                      device=linear.weight.device))
+        self.role: str | None = None
+        self.__dict__["let"] = None
+
+    def effective(self):
+        """(input divisor or None, weight, bias) with the LET factors applied."""
+        if self.__dict__["let"] is None:
+            return None, self.weight, self.bias
+        div, col, row = self.__dict__["let"].factors(self.role)
+        w, b = transformed_weight(self.weight, self.bias, col, row)
+        return div, w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        div, w, b = self.effective()
+        if div is not None:
+            x = x / div.to(x.dtype)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        if self.weight_quant is not None:
+            w = self.weight_quant(w)
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def spike_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit spike-driven form (inference only; method.md §2.3, with bug B3 fixed):
+        y = Δ_lo (Q_lo ⊙ m_lo) Wᵀ − Δ_lo z_lo Σ_{j normal} W_j
+          + Δ_hi Σ_t (S_t ⊙ m_sal) Wᵀ − Δ_hi z_hi Σ_{j salient} W_j + b,
+        S_t the GIF spikes (each in 0..L-1) of the (b+a)-bit codes. Equals `forward` except for
+        salient codes above 2**a·(L−1) (the documented top-code clipping)."""
+        aq = self.act_quant
+        if aq is None or not aq.active or self.__dict__["let"] is not None or self.weight_quant is not None:
+            raise RuntimeError("spike_forward needs a folded QuantLinear with an active act quantizer")
+        w = self.weight.float()
+        xf = x.float()
+        sal = aq.salient.reshape(-1)
+        lo_scale, lo_zero = per_token_params(xf, aq.bits)
+        q_lo = integer_codes(xf, lo_scale, lo_zero, 2 ** aq.bits - 1)
+        normal = (~sal).float()
+        y = lo_scale * ((q_lo * normal) @ w.t()) - lo_scale * lo_zero * (w * normal).sum(1)
+        if bool(sal.any()):
+            hb = aq.bits + aq.addbit
+            hi_scale, hi_zero = per_token_params(xf, hb)
+            codes = integer_codes(xf, hi_scale, hi_zero, 2 ** hb - 1) * sal.float()
+            spikes = spike_train(codes, 2 ** aq.bits, 2 ** aq.addbit)      # [T, ..., C]
+            acc = sum(s @ w.t() for s in spikes)                            # integer-spike accumulations
+            y = y + hi_scale * acc - hi_scale * hi_zero * (w * sal.float()).sum(1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ wrapping
+
+def _attn_shape(block: nn.Module) -> tuple[int, int, int]:
+    attn = block.self_attn
+    cfg = attn.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, attn.head_dim
+
+
+def wrap_block(block: nn.Module, spec: FamilySpec, q: QuantConfig, s: SpikingConfig,
+               train: bool = True) -> dict[str, QuantLinear]:
+    """Replace the block's linears by QuantLinears (activation quantizers of `quant.abits`
+    with empty masks; with `train`, LWC weight quantizers of `quant.wbits`) and give its
+    attention a KVQuantizer when activations are quantized. Returns name -> QuantLinear."""
+    out = {}
+    for name in spec.linears():
+        lin = block.get_submodule(name)
+        if isinstance(lin, QuantLinear):
+            out[name] = lin
+            continue
+        aq = GIFActQuantizer(q.abits, lin.in_features, addbit=s.addbit) if q.abits < 16 else None
+        wq = (LWCWeightQuantizer(q.wbits, tuple(lin.weight.shape), q.group_size, q.lwc, s.addbit)
+              if train and q.wbits < 16 else None)
+        ql = QuantLinear(lin, aq, wq).to(lin.weight.device)
+        ql.role = ROLES.get(name)
+        set_module(block, name, ql)
+        out[name] = ql
+    if q.abits < 16 and getattr(block.self_attn, "kv_quant", None) is None:
+        _, kv_heads, head_dim = _attn_shape(block)
+        block.self_attn.kv_quant = KVQuantizer(q.abits, kv_heads, head_dim, q.k_axis,
+                                               s.kv_addbit).to(block.self_attn.q_proj.weight.device)
+    return out
+
+
+def wrap_for_inference(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> None:
+    """Give a freshly loaded model the runtime modules of a quantized one (activation and KV
+    quantizers with empty masks) so that its saved state dict, masks included, loads back."""
+    spec = family_of(model)
+    if q.abits < 16:
+        use_spiking_attention(model)
+    for block in blocks_of(model, spec):
+        wrap_block(block, spec, q, s, train=False)
+
+
+def _set_quant(block: nn.Module, linears: dict[str, QuantLinear], on: bool) -> None:
+    for ql in linears.values():
+        for m in (ql.act_quant, ql.weight_quant):
+            if m is not None:
+                m.enabled = on
+    kvq = getattr(block.self_attn, "kv_quant", None)
+    if kvq is not None:
+        kvq.set_enabled(on)
+
+
+def _top_mask(scores: torch.Tensor, ratio: float, select: str, seed: int) -> torch.Tensor:
+    """Bool mask shaped like `scores`: its top `ratio` entries ranked jointly (or random ones)."""
+    return salient_mask(scores.reshape(-1), ratio, select, seed).reshape(scores.shape).to(scores.device)
+
+
+# ------------------------------------------------------------------------------ per block
+
+class _Stats:
+    """Per-channel |x| maxima of linear inputs (LET initialisation), x [..., C]."""
+
+    def __init__(self):
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
+
+
+def _mask_pass(block, linears, inputs: BlockInputs, q: QuantConfig, s: SpikingConfig, seed: int,
+               batch_size: int) -> dict[str, int]:
+    """Compute and set the salient masks of one block from a full-precision forward on the
+    quantized prefix's outputs. Returns {name: salient count}."""
+    acts, weights = s.spikes_acts(q), s.spikes_weights(q)
+    act_sal = {n: ActivationSaliency(ql.weight) for n, ql in linears.items()
+               if acts and ql.act_quant is not None}
+    hess = {n: HessianAccumulator(ql.in_features, device=ql.weight.device)
+            for n, ql in linears.items() if weights and ql.weight_quant is not None}
+    kvq = getattr(block.self_attn, "kv_quant", None)
+
+    def on_input(name, x):
+        if name in act_sal:
+            act_sal[name].add_batch(x)
+        if name in hess:
+            hess[name].add_batch(x.float())
+
+    if kvq is not None and acts:
+        kvq.collect = True
+    try:
+        with InputCollector(dict(linears), on_input, stop_early=False):
+            forward_block(block, inputs, batch_size, collect_only=True)
+    finally:
+        if kvq is not None:
+            kvq.collect = False
+    counts = {}
+    for i, (n, acc) in enumerate(act_sal.items()):
+        m = _top_mask(acc.scores(), s.ratio, s.select, seed + i)
+        linears[n].act_quant.set_salient(m)
+        counts[f"act:{n}"] = int(m.sum())
+    for i, (n, acc) in enumerate(hess.items()):
+        H = acc.H
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        U, _ = inverse_hessian_cholesky(H, q.percdamp)
+        m = _top_mask(hessian_column_saliency(linears[n].weight.float(), U), s.ratio, s.select, seed + 100 + i)
+        linears[n].weight_quant.salient_cols.copy_(m)
+        counts[f"weight:{n}"] = int(m.sum())
+    if kvq is not None and acts:
+        sal = kvq.saliency()
+        km = _top_mask(sal["k"], s.ratio, s.select, seed + 200)
+        vm = _top_mask(sal["v"], s.ratio, s.select, seed + 201)
+        kvq.set_masks(km, vm)
+        counts["k"], counts["v"] = int(km.sum()), int(vm.sum())
+    return counts
+
+
+def _let_init(block, linears, absmax: dict[str, torch.Tensor], alpha: float) -> LETParams:
+    heads, kv_heads, head_dim = _attn_shape(block)
+    hidden = linears["self_attn.q_proj"].in_features
+
+    def w_absmax(name):
+        return linears[name].weight.detach().abs().amax(0)
+
+    init = {
+        "qkv": smooth_init(absmax["self_attn.q_proj"], w_absmax("self_attn.q_proj"), alpha),
+        "fc1": smooth_init(absmax["mlp.up_proj"], w_absmax("mlp.up_proj"), alpha),
+    }
+    s_o = smooth_init(absmax["self_attn.o_proj"], w_absmax("self_attn.o_proj"), alpha)
+    # GQA: one scale per kv channel, the mean over the query heads that share it
+    init["out"] = s_o.reshape(kv_heads, heads // kv_heads, head_dim).mean(1).reshape(-1)
+    return LETParams(hidden, heads, kv_heads, head_dim, init).to(linears["self_attn.q_proj"].weight.device)
+
+
+def _attach_let(linears, let: LETParams | None) -> None:
+    for ql in linears.values():
+        ql.__dict__["let"] = let
+
+
+def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q: QuantConfig,
+                 i: int, use_amp: bool, log) -> list[float]:
+    """AdamW over (LET: let_lr, LWC: lwc_lr) for q.epochs; returns the mean loss per epoch.
+    Raises FloatingPointError on a non-finite loss."""
+    groups = []
+    if let is not None:
+        groups.append({"params": list(let.parameters()), "lr": q.let_lr})
+    lwc = [p for ql in linears.values() if ql.weight_quant is not None for p in ql.weight_quant.parameters()]
+    if lwc:
+        groups.append({"params": lwc, "lr": q.lwc_lr})
+    if not groups or q.epochs == 0:
+        return []
+    opt = torch.optim.AdamW(groups, weight_decay=q.wd)
+    n = q_in.hidden.shape[0]
+    device = q_in.hidden.device
+    gen = torch.Generator().manual_seed(q.seed + i)
+    history = []
+    amp = use_amp and device.type == "cuda"
+    for epoch in range(q.epochs):
+        total, steps = 0.0, 0
+        order = torch.randperm(n, generator=gen)
+        for b0 in range(0, n, q.train_batch):
+            idx = order[b0: b0 + q.train_batch].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = block(q_in.hidden[idx], **q_in.kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                loss = F.mse_loss(out.float(), fp_out[idx].float())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"block {i}: training loss became {loss.item()} in epoch {epoch}; lower "
+                    f"quant.let_lr/quant.lwc_lr, or set quant.nan_policy=fp32 to retrain in float32")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+        history.append(total / max(steps, 1))
+        if log is not None:
+            log(f"block {i} epoch {epoch}: loss {history[-1]:.4g}")
+    return history
+
+
+@torch.no_grad()
+def _finalize(block, linears, let: LETParams | None) -> None:
+    """Fold LET into weights and norms, quantize weights in place, drop the weight quantizers."""
+    for ql in linears.values():
+        _, w, b = ql.effective()
+        if ql.weight_quant is not None:
+            w = ql.weight_quant(w)
+            ql.w_salient.copy_(ql.weight_quant.salient_cols)
+        ql.weight.data.copy_(w.to(ql.weight.dtype))
+        if b is not None:
+            ql.bias.data.copy_(b.to(ql.bias.dtype))
+    if let is not None:
+        fold_norms(block, let)
+    for ql in linears.values():
+        ql.__dict__["let"] = None
+        ql.weight_quant = None
+
+
+def _lwc_state(linears) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, ql in linears.items():
+        if ql.weight_quant is not None and ql.weight_quant.lwc:
+            out[f"{n}.upbound_factor"] = ql.weight_quant.upbound_factor.detach().cpu().clone()
+            out[f"{n}.lowbound_factor"] = ql.weight_quant.lowbound_factor.detach().cpu().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------ checkpoint
+
+def _save(ckpt: Path, i: int, block: nn.Module, fp: torch.Tensor, qh: torch.Tensor, params: dict,
+          stats: list[ModuleStats]) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / f".block-{i}.tmp"
+    torch.save({"block": i, "state": {k: v.detach().cpu() for k, v in block.state_dict().items()},
+                "fp": fp.cpu(), "q": qh.cpu(), "params": params,
+                "stats": [r.row() for r in stats]}, tmp)
+    os.replace(tmp, ckpt / f"block-{i:05d}.pt")
+    prev = ckpt / f"block-{i - 1:05d}.pt"
+    if prev.exists():                                 # keep earlier block states, drop their inputs
+        data = torch.load(prev, weights_only=True)
+        data.pop("fp", None)
+        data.pop("q", None)
+        torch.save(data, tmp)
+        os.replace(tmp, prev)
+
+
+def _resume(ckpt: Path | None, blocks, spec, q, s):
+    if ckpt is None or not ckpt.exists():
+        return 0, None, None, {}, []
+    files = sorted(ckpt.glob("block-*.pt"))
+    if not files:
+        return 0, None, None, {}, []
+    last = torch.load(files[-1], weights_only=True)
+    params = {}
+    for f in files:
+        data = last if f == files[-1] else torch.load(f, weights_only=True)
+        blk = blocks[data["block"]]
+        wrap_block(blk, spec, q, s, train=False)
+        blk.load_state_dict(data["state"])
+        params.update(data["params"])
+    return last["block"] + 1, last["fp"], last["q"], params, [ModuleStats(**r) for r in last["stats"]]
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def _equal_steps(q: QuantConfig, s: SpikingConfig) -> float:
+    """Average GIF steps per spiking channel: 1 + r·(2**addbit − 1) where something spikes."""
+    if s.mode != "gif" or not (s.spikes_acts(q) or s.spikes_weights(q)):
+        return 1.0
+    return 1.0 + s.ratio * (2 ** s.addbit - 1)
+
+
+def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: SpikingConfig,
+              device="cpu", batch_size: int = 8, progress: bool = True,
+              checkpoint_dir: str | os.PathLike | None = None, log=None):
+    """Quantize `model` in place with OmniQuant (+ SpikeLLM GIF spiking when `s.mode == "gif"`).
+
+    calib_ids [N, seqlen]. Returns (stats rows, params) where params holds the trained LET
+    scales and LWC factors per block (for inspection; the folded model does not need them)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(q.seed)
+    spec = family_of(model)
+    if q.abits < 16:
+        use_spiking_attention(model)
+    blocks = blocks_of(model, spec)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    start, fp, qh, params, stats = _resume(ckpt, blocks, spec, q, s)
+    inputs = capture_block_inputs(model, spec, calib_ids if start == 0 else calib_ids[:1], device)
+    kw = inputs.kwargs
+    if start == 0:
+        fp, qh = inputs.hidden, inputs.hidden.clone()
+    else:
+        fp, qh = fp.to(device), qh.to(device)
+        if log is not None:
+            log(f"resuming after block {start - 1} from {ckpt}")
+    bar = tqdm(range(start, len(blocks)), desc=f"omniquant W{q.wbits}A{q.abits}", unit="block",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True, initial=start, total=len(blocks))
+    t_start = time.time()
+    for i in bar:
+        t0 = time.time()
+        block = blocks[i]
+        block.float()
+        for p in block.parameters():
+            p.requires_grad_(False)
+        linears = wrap_block(block, spec, q, s, train=True)
+        _set_quant(block, linears, False)
+        stats_hook = _Stats()
+        with InputCollector({n: linears[n] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")},
+                            stats_hook, stop_early=False):
+            fp_out = forward_block(block, BlockInputs(fp, kw), batch_size)
+        counts = {}
+        if s.mode == "gif" and s.ratio > 0:
+            counts = _mask_pass(block, linears, BlockInputs(qh, kw), q, s, s.seed + 1000 * i, batch_size)
+        let = _let_init(block, linears, stats_hook.absmax, q.alpha) if q.let and q.abits < 16 else None
+        _attach_let(linears, let)
+        _set_quant(block, linears, True)
+        try:
+            history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, q.amp, None)
+        except FloatingPointError:
+            if q.nan_policy != "fp32" or device == "cpu":
+                raise
+            if log is not None:
+                log(f"block {i}: non-finite loss under autocast; retraining in float32")
+            linears = wrap_block(block, spec, q, s, train=True)
+            let = _let_init(block, linears, stats_hook.absmax, q.alpha) if let is not None else None
+            _attach_let(linears, let)
+            history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False, None)
+        params.update({f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()})
+        if let is not None:
+            params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})
+        _finalize(block, linears, let)
+        with torch.no_grad():
+            q_out = forward_block(block, BlockInputs(qh, kw), batch_size)
+            loss = F.mse_loss(q_out, fp_out).item()
+        fp, qh = fp_out, q_out
+        stats.append(ModuleStats(block=i, module="block", loss=loss, recon_error=loss,
+                                 seconds=time.time() - t0, samples=int(fp.shape[0]),
+                                 avg_steps=_equal_steps(q, s), damp=0.0,
+                                 peak_mem_gb=peak_memory_gb(device)))
+        params[f"{i}.epoch_loss"] = torch.tensor(history or [float("nan")])
+        params[f"{i}.salient_counts"] = torch.tensor(list(counts.values()) or [0])
+        if ckpt is not None:
+            _save(ckpt, i, block, fp, qh, {k: v for k, v in params.items() if k.startswith(f"{i}.")}, stats)
+        bar.set_postfix(loss=f"{loss:.3g}", elapsed=f"{time.time() - t_start:.0f}s")
+    model.config.use_cache = False
+    return stats, params
