@@ -95,10 +95,23 @@ def _check_groups(overrides: list[str]) -> None:
                                   f"{', '.join(options)} (files in conf/{key}/)")
 
 
+#: quant methods whose default spiking is none (the ternary default belongs to GPTQ/RTN)
+_NO_DEFAULT_SPIKING = ("omniquant", "pbllm")
+
+
+def _default_spiking(overrides: list[str]) -> list[str]:
+    """`quant=omniquant` or `quant=pbllm` without a `spiking=` choice means `spiking=none`."""
+    quant = [o.split("=", 1)[1] for o in overrides if o.startswith("quant=")]
+    if quant and quant[-1] in _NO_DEFAULT_SPIKING and not any(o.startswith("spiking=") for o in overrides):
+        return [*overrides, "spiking=none"]
+    return overrides
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose conf/config.yaml with `overrides`, merge into the typed schema, validate ranges,
     and return the resolved config plus the group choices under `_choices`."""
     _check_groups(overrides)
+    overrides = _default_spiking(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -12,8 +12,8 @@ def test_every_config_option_composes_and_validates(group):
     options = group_options(group)
     assert options
     for opt in options:
-        spiking = ["spiking=none"] if (group, opt) == ("quant", "pbllm") else []
-        cfg = compose_config([f"{group}={opt}", *spiking])
+        extra = ["quant=omniquant"] if (group, opt) in (("spiking", "t2"), ("spiking", "t4")) else []
+        cfg = compose_config([f"{group}={opt}", *extra])
         assert cfg._choices[group] == opt
 
 
@@ -58,7 +58,7 @@ def test_sweep_expansion_uses_hydra_grammar():
 def test_glob_sweeps_config_group_options():
     assert expand_sweep(["model=glob(llama2_*)"]) == [
         ["model=llama2_13b"], ["model=llama2_70b"], ["model=llama2_7b"]]
-    quants = expand_sweep(["quant=glob(*,exclude=pbllm)", "spiking=none"])
+    quants = expand_sweep(["quant=glob(*,exclude=[pbllm,omniquant])", "spiking=none"])
     assert [p[0] for p in quants] == ["quant=gptq", "quant=rtn"]
     with pytest.raises(ConfigError, match="spiking.ratio: glob"):
         expand_sweep(["spiking.ratio=glob(*)"])
@@ -78,3 +78,19 @@ def test_experiment_recipe_carries_settings_and_its_sweep():
     points = expand_points(["experiment=ratio_sweep", "spiking.ratio=0.1"])
     assert len(points) == 2
     assert {compose_config(p).spiking.ratio for p in points} == {0.1}
+
+
+def test_omniquant_keys_and_spiking_defaults():
+    cfg = compose_config(["quant=omniquant"])
+    assert cfg.spiking.mode == "none" and cfg.quant.abits == 4 and cfg.quant.epochs == 20
+    cfg = compose_config(["quant=omniquant", "quant.wbits=4", "quant.abits=4", "spiking=t2",
+                          "quant.epochs=2", "quant.lwc=false", "quant.let=true", "quant.k_axis=token"])
+    assert (cfg.spiking.ratio, cfg.spiking.addbit, cfg.spiking.steps) == (0.1, 1, 2)
+    assert (cfg.quant.epochs, cfg.quant.lwc, cfg.quant.k_axis) == (2, False, "token")
+    cfg = compose_config(["quant=omniquant", "spiking=t4"])
+    assert (cfg.spiking.ratio, cfg.spiking.addbit, cfg.spiking.steps) == (0.05, 2, 4)
+    assert compose_config(["quant=omniquant", "spiking=t2", "spiking.addbit=2"]).spiking.steps == 4
+    with pytest.raises(ConfigError, match="spiking"):
+        compose_config(["spiking=t2"])                       # GIF spiking needs quant=omniquant
+    with pytest.raises(ConfigError, match="quant.k_axis"):
+        compose_config(["quant=omniquant", "quant.k_axis=rows"])

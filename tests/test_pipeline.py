@@ -87,3 +87,25 @@ def test_sweep_runs_shared_stages_once_logs_wandb_and_reruns_nothing(tmp_path):
     st = subprocess.run([sys.executable, "-m", "pipelines.status", str(sweep2)], cwd=ROOT,
                         capture_output=True, text=True)
     assert st.returncode == 0 and "total: 6 cached" in st.stdout
+
+
+def test_omniquant_spiking_w4a4_end_to_end_with_baseline_in_one_sweep(tmp_path):
+    """`-m spiking=none,t2`: the OmniQuant baseline and SpikeLLM W4A4 in one code path."""
+    args = REDUCED + ["-m", "quant=omniquant", "quant.wbits=4", "quant.abits=4", "quant.epochs=1",
+                      "spiking=none,t2", "logger=none", "eval.fp_baseline=false"]
+    p = _run(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifests = sorted((tmp_path / "runs").glob("*/*/manifest.json"))
+    assert len(manifests) == 2
+    by_mode = {}
+    for f in manifests:
+        m = json.loads(f.read_text())
+        by_mode[m["config"]["spiking"]["mode"]] = m["metrics"]
+    for mode, metrics in by_mode.items():
+        assert metrics["ppl/wikitext2"] > 1 and metrics["time/block_epoch_s"] > 0
+    assert by_mode["none"]["cost/avg_steps"] == pytest.approx(1.0)
+    assert by_mode["gif"]["cost/avg_steps"] == pytest.approx(1.1, abs=0.01)
+    assert by_mode["gif"]["cost/ace_rel_baseline"] == pytest.approx(1.1, abs=0.01)
+    assert by_mode["gif"]["ppl/wikitext2"] != by_mode["none"]["ppl/wikitext2"]
+    # one calibration set shared by both points
+    assert len([d for d in (tmp_path / "cache" / "calibrate").iterdir() if not d.name.startswith(".")]) == 1
