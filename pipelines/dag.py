@@ -31,11 +31,37 @@ def _eval_keys(cfg) -> dict:
     return _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows")
 
 
+#: keys that only one family of methods reads (the others' output does not depend on them)
+_OMNI_ONLY = ("abits", "epochs", "lwc", "let", "k_axis", "let_lr", "lwc_lr", "wd", "alpha",
+              "train_batch", "nan_policy", "amp", "seed")
+_GPTQ_ONLY = ("mse", "actorder", "blocksize", "true_sequential", "salient_frac", "high_bits")
+_TERNARY_ONLY = ("steps", "granularity", "group_size", "salient_scale", "saliency_from", "weighted",
+                 "spike_bits")
+_GIF_ONLY = ("addbit", "target", "kv_addbit")
+
+
+def _method_keys(cfg) -> dict:
+    """The quant/spiking keys the chosen method reads: `spiking=none` hashes as just its mode,
+    GPTQ-family runs ignore the OmniQuant keys and vice versa."""
+    quant = _sel(cfg, "quant")["quant"]
+    spiking = _sel(cfg, "spiking")["spiking"]
+    drop = _GPTQ_ONLY if quant["method"] == "omniquant" else _OMNI_ONLY
+    quant = {k: v for k, v in quant.items() if k not in drop}
+    if spiking["mode"] == "none":
+        spiking = {"mode": "none"}
+    else:
+        drop = _TERNARY_ONLY if spiking["mode"] == "gif" else _GIF_ONLY
+        spiking = {k: v for k, v in spiking.items() if k not in drop}
+        if spiking.get("select") == "saliency":
+            spiking.pop("seed", None)          # the seed only draws random selections
+    return {"quant": quant, "spiking": spiking}
+
+
 #: per stage: the config that changes its output (besides its upstream keys)
 STAGE_INPUTS = {
     "calibrate": lambda c: {"model": _model_id(c), **_sel(c, "calib", "paths.data_dir")},
     "score": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "quant.percdamp")},
-    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "quant", "spiking")},
+    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype"), **_method_keys(c)},
     "evaluate": lambda c: {**_eval_keys(c), **_sel(c, "paths.data_dir")},
     "evaluate_fp": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "paths.data_dir"),
                               **_eval_keys(c)},

@@ -48,6 +48,17 @@ def test_keys_change_exactly_with_output_changing_keys():
     assert all(base[s] != model[s] for s in base)
 
 
+def test_keys_ignore_what_the_chosen_method_does_not_read():
+    none = _keys(["quant=rtn", "spiking=none"])
+    assert _keys(["quant=rtn", "spiking=none", "spiking.select=random", "spiking.ratio=0.3"]) == none
+    omni = _keys(["quant=omniquant", "spiking=t2"])
+    assert _keys(["quant=omniquant", "spiking=t2", "quant.blocksize=64", "spiking.granularity=element"]) == omni
+    assert _keys(["quant=omniquant", "spiking=t2", "quant.epochs=3"])["quantize"] != omni["quantize"]
+    assert _keys(["quant=omniquant", "spiking=t2", "spiking.seed=4"]) == omni       # saliency: no draw
+    rnd = _keys(["quant=omniquant", "spiking=t2", "spiking.select=random"])
+    assert _keys(["quant=omniquant", "spiking=t2", "spiking.select=random", "spiking.seed=4"]) != rnd
+
+
 def test_group_sweep_over_quant_methods():
     p = plan(_cfgs(["quant=rtn,gptq", "spiking=none", "quant.wbits=3,4"]))
     assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "quantize": 4, "evaluate": 4}
