@@ -52,7 +52,7 @@ def test_keys_ignore_what_the_chosen_method_does_not_read():
     none = _keys(["quant=rtn", "spiking=none"])
     assert _keys(["quant=rtn", "spiking=none", "spiking.select=random", "spiking.ratio=0.3"]) == none
     omni = _keys(["quant=omniquant", "spiking=t2"])
-    assert _keys(["quant=omniquant", "spiking=t2", "quant.blocksize=64", "spiking.granularity=element"]) == omni
+    assert _keys(["quant=omniquant", "spiking=t2", "quant.blocksize=64", "+spiking.granularity=element"]) == omni
     assert _keys(["quant=omniquant", "spiking=t2", "quant.epochs=3"])["quantize"] != omni["quantize"]
     assert _keys(["quant=omniquant", "spiking=t2", "spiking.seed=4"]) == omni       # saliency: no draw
     rnd = _keys(["quant=omniquant", "spiking=t2", "spiking.select=random"])
