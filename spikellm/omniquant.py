@@ -408,8 +408,11 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         let = _let_init(block, linears, stats_hook.absmax, q.alpha) if q.let and q.abits < 16 else None
         _attach_let(linears, let)
         _set_quant(block, linears, True)
+        def epoch_progress(msg):
+            bar.set_postfix_str(f"{msg}, elapsed {time.time() - t_start:.0f}s")
         try:
-            history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, q.amp, None)
+            history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, q.amp,
+                                   epoch_progress)
         except FloatingPointError:
             if q.nan_policy != "fp32" or device == "cpu":
                 raise
@@ -418,7 +421,8 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
             linears = wrap_block(block, spec, q, s, train=True)
             let = _let_init(block, linears, stats_hook.absmax, q.alpha) if let is not None else None
             _attach_let(linears, let)
-            history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False, None)
+            history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False,
+                                   epoch_progress)
         params.update({f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()})
         if let is not None:
             params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})

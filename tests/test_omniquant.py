@@ -139,3 +139,35 @@ def test_non_finite_training_loss_fails_with_a_clear_message(model, text_ids):
     q = QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1, let_lr=float("nan"))
     with pytest.raises(FloatingPointError, match="quant.nan_policy"):
         oq.omniquant(model.model, text_ids[:2], q, SpikingConfig(), progress=False)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(text_ids, tmp_path, monkeypatch):
+    q = QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1)
+    s = SpikingConfig(mode="gif", ratio=0.1, addbit=1, steps=2)
+    ids = text_ids[:2, :32]
+    ref_model = load_model(resolve_source("embedded", None)).model
+    oq.omniquant(ref_model, ids, q, s, progress=False)
+    ref = ref_model.state_dict()
+
+    real = oq._train_block
+
+    def crash_in_block_3(block, linears, let, q_in, fp_out, qc, i, *a, **kw):
+        if i == 3:
+            raise KeyboardInterrupt("killed")            # like a SIGKILL mid-block
+        return real(block, linears, let, q_in, fp_out, qc, i, *a, **kw)
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(oq, "_train_block", crash_in_block_3)
+    with pytest.raises(KeyboardInterrupt):
+        oq.omniquant(load_model(resolve_source("embedded", None)).model, ids, q, s, progress=False,
+                     checkpoint_dir=ckpt)
+    assert len(list(ckpt.glob("block-*.pt"))) == 3       # blocks 0..2 committed
+    monkeypatch.setattr(oq, "_train_block", real)
+    trained = []
+    monkeypatch.setattr(oq, "_train_block", lambda *a, **kw: trained.append(a[6]) or real(*a, **kw))
+    resumed = load_model(resolve_source("embedded", None)).model      # a fresh process
+    oq.omniquant(resumed, ids, q, s, progress=False, checkpoint_dir=ckpt)
+    assert trained[0] == 3 and len(trained) == len(blocks_of(resumed)) - 3
+    state = resumed.state_dict()
+    assert state.keys() == ref.keys()
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
