@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from .store import content_key
 
 #: bump a stage's version when its code changes what it writes: old artifacts stop matching
-STAGE_VERSIONS = {"calibrate": 1, "score": 1, "quantize": 1, "evaluate": 1, "evaluate_fp": 1}
+STAGE_VERSIONS = {"calibrate": 1, "score": 1, "act_stats": 1, "quantize": 1, "evaluate": 1, "evaluate_fp": 1}
 
 
 def _model_id(cfg) -> dict:
@@ -61,6 +61,7 @@ def _method_keys(cfg) -> dict:
 STAGE_INPUTS = {
     "calibrate": lambda c: {"model": _model_id(c), **_sel(c, "calib", "paths.data_dir")},
     "score": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "quant.percdamp")},
+    "act_stats": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype")},
     "quantize": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype"), **_method_keys(c)},
     "evaluate": lambda c: {**_eval_keys(c), **_sel(c, "paths.data_dir")},
     "evaluate_fp": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "paths.data_dir"),
@@ -105,6 +106,9 @@ def stages_of(cfg) -> list[tuple[str, dict[str, str]]]:
     if needs_score:
         out.append(("score", {"calibrate": "calibrate"}))
     q_deps = {"calibrate": "calibrate", **({"score": "score"} if needs_score else {})}
+    if cfg.quant.method == "omniquant" and cfg.quant.let and cfg.quant.abits < 16:
+        out.append(("act_stats", {"calibrate": "calibrate"}))
+        q_deps["act_stats"] = "act_stats"
     out.append(("quantize", q_deps))
     out.append(("evaluate", {"quantize": "quantize"}))
     return out

@@ -79,6 +79,18 @@ def score(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     return {"time/score_s": time.time() - t0}
 
 
+def act_stats(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
+    """-> act_scales.safetensors: per-channel max |x| of every linear input of the full-precision
+    model on the calibration set (where OmniQuant's LET starts), shared by a sweep's points."""
+    from spikellm.omniquant import activation_absmax
+    lm = load(cfg)
+    t0 = time.time()
+    stats = activation_absmax(lm.model, _calib_ids(deps), resolve_device(cfg.device),
+                              cfg.batch_size, cfg.progress)
+    save_file({k: v.contiguous() for k, v in stats.items()}, str(out / "act_scales.safetensors"))
+    return {"time/act_stats_s": time.time() - t0}
+
+
 def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None = None,
                    **_) -> dict:
     """-> weights.safetensors (the quantized blocks), module_stats.json, notes.json.
@@ -126,9 +138,10 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
         + (f" (ratio {s.ratio}, addbit {s.addbit}, {s.select})" if s.mode == "gif" else "")
         + f", {q.epochs} epoch(s) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     t0 = time.time()
+    absmax = load_file(str(deps["act_stats"].file("act_scales.safetensors"))) if "act_stats" in deps else None
     stats, params = omniquant(lm.model, calib.to(device), q, s, device=device,
                               batch_size=cfg.batch_size, progress=cfg.progress,
-                              checkpoint_dir=checkpoint, log=say)
+                              checkpoint_dir=checkpoint, log=say, act_absmax=absmax)
     seconds = time.time() - t0
     save_file(_block_tensors(lm), str(out / "weights.safetensors"))
     save_file({k: v.contiguous() for k, v in params.items()}, str(out / "omni_params.safetensors"))
@@ -197,5 +210,5 @@ def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     return _ppl(cfg, lm, "quant")
 
 
-STAGE_FUNCTIONS = {"calibrate": calibrate, "score": score, "quantize": quantize_stage,
+STAGE_FUNCTIONS = {"calibrate": calibrate, "score": score, "act_stats": act_stats, "quantize": quantize_stage,
                    "evaluate": evaluate, "evaluate_fp": evaluate_fp}

@@ -180,6 +180,27 @@ class _Stats:
         self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
 
 
+@torch.no_grad()
+def activation_absmax(model: nn.Module, calib_ids: torch.Tensor, device="cpu", batch_size: int = 8,
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| of every linear input of the full-precision model over the
+    calibration set (OmniQuant's act_scales, which LET starts from).
+
+    calib_ids [N, seqlen] -> {"<block>.<linear>": [C_in] float32}."""
+    from tqdm.auto import tqdm
+    spec = family_of(model)
+    inputs = capture_block_inputs(model, spec, calib_ids, device)
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(tqdm(blocks_of(model, spec), desc="act stats", unit="block",
+                                   disable=not progress, file=sys.stderr)):
+        hook = _Stats()
+        with InputCollector({n: block.get_submodule(n) for n in spec.linears()}, hook, stop_early=False):
+            hidden = forward_block(block, inputs, batch_size)
+        out.update({f"{i}.{n}": v.cpu() for n, v in hook.absmax.items()})
+        inputs = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+    return out
+
+
 def _mask_pass(block, linears, inputs: BlockInputs, q: QuantConfig, s: SpikingConfig, seed: int,
                batch_size: int) -> dict[str, int]:
     """Compute and set the salient masks of one block from a full-precision forward on the
@@ -365,10 +386,13 @@ def _equal_steps(q: QuantConfig, s: SpikingConfig) -> float:
 
 def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: SpikingConfig,
               device="cpu", batch_size: int = 8, progress: bool = True,
-              checkpoint_dir: str | os.PathLike | None = None, log=None):
+              checkpoint_dir: str | os.PathLike | None = None, log=None,
+              act_absmax: dict[str, torch.Tensor] | None = None):
     """Quantize `model` in place with OmniQuant (+ SpikeLLM GIF spiking when `s.mode == "gif"`).
 
-    calib_ids [N, seqlen]. Returns (stats rows, params) where params holds the trained LET
+    calib_ids [N, seqlen]. `act_absmax` ({"<block>.<linear>": [C_in]}, `activation_absmax`) is
+    what LET starts from; without it the same maxima are taken from the full-precision pass of
+    each block. Returns (stats rows, params) where params holds the trained LET
     scales and LWC factors per block (for inspection; the folded model does not need them)."""
     from tqdm.auto import tqdm
 
@@ -405,7 +429,10 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         counts = {}
         if s.mode == "gif" and s.ratio > 0:
             counts = _mask_pass(block, linears, BlockInputs(qh, kw), q, s, s.seed + 1000 * i, batch_size)
-        let = _let_init(block, linears, stats_hook.absmax, q.alpha) if q.let and q.abits < 16 else None
+        start_stats = stats_hook.absmax
+        if act_absmax is not None:
+            start_stats = {n: act_absmax[f"{i}.{n}"].to(device) for n in stats_hook.absmax}
+        let = _let_init(block, linears, start_stats, q.alpha) if q.let and q.abits < 16 else None
         _attach_let(linears, let)
         _set_quant(block, linears, True)
         def epoch_progress(msg):
@@ -419,7 +446,7 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
             if log is not None:
                 log(f"block {i}: non-finite loss under autocast; retraining in float32")
             linears = wrap_block(block, spec, q, s, train=True)
-            let = _let_init(block, linears, stats_hook.absmax, q.alpha) if let is not None else None
+            let = _let_init(block, linears, start_stats, q.alpha) if let is not None else None
             _attach_let(linears, let)
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False,
                                    epoch_progress)

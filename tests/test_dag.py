@@ -59,6 +59,13 @@ def test_keys_ignore_what_the_chosen_method_does_not_read():
     assert _keys(["quant=omniquant", "spiking=t2", "spiking.select=random", "spiking.seed=4"]) != rnd
 
 
+def test_omniquant_sweep_shares_calibration_and_activation_statistics():
+    p = plan(_cfgs(["quant=omniquant", "spiking=none,t2,t4", "spiking.select=saliency,random"]))
+    # spiking=none ignores the selection: 5 distinct quantizations, one act-stats pass
+    assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "act_stats": 1, "quantize": 5, "evaluate": 5}
+    assert plan(_cfgs(["quant=omniquant", "quant.let=false"])).count().get("act_stats") is None
+
+
 def test_group_sweep_over_quant_methods():
     p = plan(_cfgs(["quant=rtn,gptq", "spiking=none", "quant.wbits=3,4"]))
     assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "quantize": 4, "evaluate": 4}

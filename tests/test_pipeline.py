@@ -107,5 +107,6 @@ def test_omniquant_spiking_w4a4_end_to_end_with_baseline_in_one_sweep(tmp_path):
     assert by_mode["gif"]["cost/avg_steps"] == pytest.approx(1.1, abs=0.01)
     assert by_mode["gif"]["cost/ace_rel_baseline"] == pytest.approx(1.1, abs=0.01)
     assert by_mode["gif"]["ppl/wikitext2"] != by_mode["none"]["ppl/wikitext2"]
-    # one calibration set shared by both points
-    assert len([d for d in (tmp_path / "cache" / "calibrate").iterdir() if not d.name.startswith(".")]) == 1
+    # one calibration set and one pass of activation statistics shared by both points
+    for stage in ("calibrate", "act_stats"):
+        assert len([d for d in (tmp_path / "cache" / stage).iterdir() if not d.name.startswith(".")]) == 1
