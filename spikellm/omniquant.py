@@ -417,7 +417,8 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
     for i in bar:
         t0 = time.time()
         block = blocks[i]
-        block.float()
+        dtype = next(block.parameters()).dtype
+        block.float()                                  # train and fold in float32
         for p in block.parameters():
             p.requires_grad_(False)
         linears = wrap_block(block, spec, q, s, train=True)
@@ -454,6 +455,7 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         if let is not None:
             params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})
         _finalize(block, linears, let)
+        block.to(dtype)                                # back to the model's dtype (masks stay bool)
         with torch.no_grad():
             q_out = forward_block(block, BlockInputs(qh, kw), batch_size)
             loss = F.mse_loss(q_out, fp_out).item()
