@@ -56,17 +56,22 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
 
-def recipe_sweep(overrides: list[str]) -> list[str]:
-    """Sweep overrides that the composed config declares under `hydra.sweeper.params` (how an
-    `experiment=` recipe carries its sweep, as with Hydra's basic sweeper), minus the keys the
-    command line sets itself (the command line wins)."""
+def _compose_raw(overrides: list[str]) -> DictConfig:
+    """Hydra's composition of conf/config.yaml (with the hydra node), errors as one line."""
     _check_groups(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:
         raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+
+def recipe_sweep(overrides: list[str]) -> list[str]:
+    """Sweep overrides that the composed config declares under `hydra.sweeper.params` (how an
+    `experiment=` recipe carries its sweep, as with Hydra's basic sweeper), minus the keys the
+    command line sets itself (the command line wins)."""
+    cfg = _compose_raw(overrides)
     params = cfg.hydra.sweeper.get("params") or {}
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [f"{k}={v}" for k, v in params.items() if k not in given]
@@ -110,14 +115,8 @@ def _default_spiking(overrides: list[str]) -> list[str]:
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose conf/config.yaml with `overrides`, merge into the typed schema, validate ranges,
     and return the resolved config plus the group choices under `_choices`."""
-    _check_groups(overrides)
     overrides = _default_spiking(overrides)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    except Exception as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
+    cfg = _compose_raw(overrides)
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)
