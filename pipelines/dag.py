@@ -28,7 +28,10 @@ def _sel(cfg, *paths: str) -> dict:
 
 
 def _eval_keys(cfg) -> dict:
-    return _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows")
+    keys = _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows")
+    if OmegaConf.select(cfg, "eval.tasks"):          # absent/empty: keys of perplexity-only runs unchanged
+        keys.update(_sel(cfg, "eval.tasks", "eval.limit"))
+    return keys
 
 
 #: keys that only one family of methods reads (the others' output does not depend on them)

@@ -22,6 +22,13 @@ from .store import write_json
 from .tracking import Tracker
 
 
+
+def zero_shot_rows(metrics: dict) -> list[dict]:
+    """acc/<task>, acc_norm/<task>, n/<task> metrics -> one row per task (and the average)."""
+    tasks = [k.split("/", 1)[1] for k in metrics if k.startswith("acc/")]
+    return [{"task": t, "acc": metrics[f"acc/{t}"], "acc_norm": metrics.get(f"acc_norm/{t}"),
+             "n": metrics.get(f"n/{t}")} for t in tasks]
+
 def versions() -> dict:
     import torch
     import transformers
@@ -94,6 +101,7 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
             if node.stage.startswith("evaluate"):
                 run.table("perplexity", [{"metric": k, "value": v}
                                          for k, v in art.metrics.items() if k.startswith("ppl/")])
+                run.table("zero_shot", zero_shot_rows(art.metrics))
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         reason = f"{type(e).__name__}: {msg}"

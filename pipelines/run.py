@@ -21,7 +21,7 @@ from .config import ConfigError, compose_config, expand_points, expand_sweep, re
 from .schema import preflight
 from .store import write_json
 
-METRIC_ORDER = ("ppl/fp/", "ppl/", "cost/avg_steps", "cost/ace", "cost/", "time/", "mem/")
+METRIC_ORDER = ("ppl/fp/", "ppl/", "acc/fp/", "acc/", "acc_norm/", "cost/avg_steps", "cost/ace", "cost/", "time/", "mem/")
 
 
 def _state_counts(sweep_dir: Path) -> dict[str, dict[str, int]]:

@@ -10,6 +10,8 @@ from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.config import validate as validate_method
 from spikellm.data import DATASETS, CalibSpec
 
+from .zeroshot import TASKS as ZS_TASKS
+
 
 @dataclass
 class Arch:
@@ -48,6 +50,10 @@ class EvalCfg:
     max_windows: Optional[int] = None
     batch_size: int = 4
     fp_baseline: bool = True
+    #: zero-shot tasks scored through lm-eval (empty: perplexity only)
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[float] = None        # documents per task (int) or fraction (< 1); null = all
+    task_batch_size: int = 8
 
 
 @dataclass
@@ -104,6 +110,8 @@ def validate(cfg: Any) -> None:
         (c.eval.seqlen >= 16, "eval.seqlen", ">= 16", c.eval.seqlen),
         (c.eval.max_windows is None or c.eval.max_windows >= 1, "eval.max_windows", "null or >= 1", c.eval.max_windows),
         (all(d in DATASETS for d in c.eval.datasets), "eval.datasets", f"a list drawn from {', '.join(DATASETS)}", list(c.eval.datasets)),
+        (all(t in ZS_TASKS for t in c.eval.tasks), "eval.tasks", f"a list drawn from {', '.join(ZS_TASKS)}", list(c.eval.tasks)),
+        (c.eval.limit is None or c.eval.limit > 0, "eval.limit", "null, a count >= 1 or a fraction in (0, 1)", c.eval.limit),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
         (c.logger.backend in ("wandb", "none"), "logger.backend", "wandb or none", c.logger.backend),
         (c.logger.backend == "none" or c.logger.mode in ("offline", "online"), "logger.mode", "offline or online", c.logger.mode),

@@ -186,7 +186,30 @@ def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
         say(f"{name} = {out[name]:.3f} on {windows.shape[0]} x {windows.shape[1]} tokens "
             f"({time.time() - t0:.0f}s)")
         out[f"time/eval_{d}_s"] = time.time() - t0
+    out.update(_zero_shot(cfg, lm, tag))
     return out
+
+
+def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
+    """`eval.tasks` through lm-eval on the model as it is in memory (quantized forwards scored);
+    metrics acc/<task>, acc_norm/<task>, acc/avg (acc/fp/... for the full-precision model)."""
+    if not cfg.eval.tasks:
+        return {}
+    from spikellm.embedded import cache_root
+
+    from .zeroshot import zero_shot
+    t0 = time.time()
+    res = zero_shot(lm.model, lm.tokenizer, list(cfg.eval.tasks), cfg.paths.data_dir,
+                    cache_root() / "tasks", batch_size=cfg.eval.task_batch_size,
+                    limit=cfg.eval.limit, device=resolve_device(cfg.device),
+                    warn=lambda m: say(f"warning: {m}"))
+    if "acc/avg" in res:
+        say("zero-shot acc: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in res.items()
+                                          if k.startswith("acc/")) + f" ({time.time() - t0:.0f}s)")
+    if tag == "fp":
+        res = {k.replace("/", "/fp/", 1): v for k, v in res.items()}
+    res["time/eval_zero_shot_s"] = time.time() - t0
+    return res
 
 
 def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:

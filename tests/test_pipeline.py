@@ -38,7 +38,8 @@ def test_missing_data_dir_is_one_line_error(tmp_path):
 
 
 def test_default_pipeline_end_to_end_reduced(tmp_path):
-    p = _run(REDUCED, tmp_path)
+    from pipelines.wandb_offline import find_runs, read_run
+    p = _run(REDUCED + ["eval.tasks=[winogrande,boolq]", "eval.limit=6"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     manifest_path = Path(p.stdout.strip().splitlines()[-1].split("results: ")[-1])
     m = json.loads(manifest_path.read_text())
@@ -53,6 +54,17 @@ def test_default_pipeline_end_to_end_reduced(tmp_path):
     stats = json.loads((manifest_path.parent / "module_stats.json").read_text())
     assert len(stats) == 30 * 7 and all(r["loss"] >= 0 for r in stats)
     assert "ppl/wikitext2" in p.stdout and "results:" in p.stdout
+    # zero-shot through lm-eval in both evaluate stages, averaged, and logged as a W&B table
+    for tag in ("", "fp/"):
+        accs = [metrics[f"acc/{tag}{t}"] for t in ("winogrande", "boolq")]
+        assert all(a in {i / 6 for i in range(7)} for a in accs)
+        assert metrics[f"acc/{tag}avg"] == pytest.approx(sum(accs) / 2)
+        assert metrics[f"n/{tag}winogrande"] == 6
+    runs = [read_run(f) for f in find_runs(tmp_path)]
+    ev = next(r for r in runs if r["run"]["job_type"] == "evaluate")
+    assert ev["summary"]["acc/avg"] == metrics["acc/avg"]
+    logged = {k: v for h in ev["history"] for k, v in h.items()}
+    assert logged["zero_shot/_type"] == "table-file" and logged["zero_shot/nrows"] == 3   # 2 tasks + avg
     # every stage is a committed artifact, logged as one offline W&B run
     for stage in ("calibrate", "evaluate_fp", "quantize", "evaluate"):
         assert len([p for p in (tmp_path / "cache" / stage).iterdir() if not p.name.startswith(".")]) == 1

@@ -1,0 +1,160 @@
+"""Zero-shot accuracy through lm-eval on the in-memory (quantized) model.
+
+The six tasks of the paper (method.md §6): piqa, arc_easy, arc_challenge, boolq, hellaswag,
+winogrande, 0-shot, `acc` (and `acc_norm` where lm-eval reports it). With `data_dir=None` lm-eval
+loads its own hub datasets; with a data directory (the layout of `../shared/data`) each task's
+local files are converted once into the hub dataset's schema (jsonl under `cache_dir`) and
+lm-eval's registered task runs on them unchanged (same prompt, same choices, same metric). A task
+whose local files are missing is skipped with a one-line warning.
+
+HellaSwag's local copy is a cleaned text rendering (query, gold, four endings), not the hub
+jsonl: its documents enter with lm-eval's processed fields directly, so its prompt can differ
+from lm-eval's in capitalisation of one word (see the data README).
+"""
+from __future__ import annotations
+
+import bz2
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _piqa(d: Path) -> list[dict]:
+    docs = _jsonl(d / "piqa" / "valid.jsonl")
+    labels = (d / "piqa" / "valid-labels.lst").read_text().split()
+    if len(labels) != len(docs):
+        raise ValueError(f"piqa: {len(docs)} items but {len(labels)} labels in {d / 'piqa'}")
+    return [{"goal": x["goal"], "sol1": x["sol1"], "sol2": x["sol2"], "label": int(y)}
+            for x, y in zip(docs, labels)]
+
+
+def _arc(name: str) -> Callable[[Path], list[dict]]:
+    def load(d: Path) -> list[dict]:
+        out = []
+        for x in _jsonl(d / name.lower().replace("-", "_") / f"{name}-Test.jsonl"):
+            ch = x["question"]["choices"]
+            out.append({"id": x["id"], "question": x["question"]["stem"], "answerKey": x["answerKey"],
+                        "choices": {"text": [c["text"] for c in ch], "label": [c["label"] for c in ch]}})
+        return out
+    return load
+
+
+def _boolq(d: Path) -> list[dict]:
+    return [{"question": x["question"], "passage": x["passage"], "idx": x["idx"],
+             "label": int(str(x["label"]).lower() in ("true", "1"))}
+            for x in _jsonl(d / "boolq" / "val.jsonl")]
+
+
+def _winogrande(d: Path) -> list[dict]:
+    return [{k: x[k] for k in ("sentence", "option1", "option2", "answer")}
+            for x in _jsonl(d / "winogrande" / "dev.jsonl")]
+
+
+def _hellaswag(d: Path) -> list[dict]:
+    lines = bz2.decompress((d / "hellaswag" / "hellaswag_val_full.txt.bz2").read_bytes()) \
+        .decode().split("\n")
+    lines = lines[: len(lines) // 6 * 6]
+    return [{"query": lines[i], "label": int(lines[i + 1]), "gold": int(lines[i + 1]),
+             "choices": lines[i + 2: i + 6]} for i in range(0, len(lines), 6)]
+
+
+#: task -> (local loader, the split lm-eval scores, overrides of lm-eval's task config)
+LOCAL: dict[str, tuple[Callable[[Path], list[dict]], str, dict]] = {
+    "piqa": (_piqa, "validation", {}),
+    "arc_easy": (_arc("ARC-Easy"), "test", {}),
+    "arc_challenge": (_arc("ARC-Challenge"), "test", {}),
+    "boolq": (_boolq, "validation", {}),
+    "winogrande": (_winogrande, "validation", {}),
+    "hellaswag": (_hellaswag, "validation", {"process_docs": None}),
+}
+
+
+def local_task_specs(tasks: Iterable[str], data_dir: str | Path, cache_dir: str | Path,
+                     warn: Callable[[str], None]) -> list[dict]:
+    """lm-eval task dicts reading the converted local files; missing tasks are warned and dropped."""
+    d, cache = Path(data_dir).expanduser(), Path(cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for task in tasks:
+        if task not in LOCAL:
+            warn(f"zero-shot task {task!r} has no local loader (known: {', '.join(LOCAL)}); skipped")
+            continue
+        loader, split, extra = LOCAL[task]
+        try:
+            docs = loader(d)
+        except FileNotFoundError as e:
+            warn(f"zero-shot task {task}: local data missing ({e.filename}); skipped")
+            continue
+        path = cache / f"{task}.{split}.jsonl"
+        text = "".join(json.dumps(x) + "\n" for x in docs)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        specs.append({"task": task, "dataset_path": "json", "dataset_name": None,
+                      "dataset_kwargs": {"data_files": {split: str(path)}},
+                      "training_split": None, "validation_split": split if split == "validation" else None,
+                      "test_split": split if split == "test" else None, "fewshot_split": None, **extra})
+    return specs
+
+
+def _build(specs: list) -> list:
+    """Task names as they are; local dicts as lm-eval's registered task with our overrides merged
+    in (lm-eval merges overrides only when a registered entry is built with them)."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager()
+    out = []
+    for spec in specs:
+        if isinstance(spec, str):
+            out.append(spec)
+            continue
+        entry = tm._entry(spec["task"])
+        if entry is None:
+            raise KeyError(f"lm-eval {getattr(__import__('lm_eval'), '__version__', '?')} has no task "
+                           f"{spec['task']!r}; install lm-eval>=0.4.8")
+        out.append(tm._factory.build(entry, overrides=spec, registry=tm._index))
+    return out
+
+
+def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | None,
+              cache_dir: str | Path, batch_size: int = 8, limit: int | float | None = None,
+              device: str = "cpu", warn: Callable[[str], None] | None = None) -> dict:
+    """Score `model` (the nn.Module as it is: quantized forwards included) on `tasks`, 0-shot.
+
+    Returns {"acc/<task>": float, "acc_norm/<task>": float (where reported), "acc/avg": mean of
+    the tasks' acc, "n/<task>": documents scored}. `limit` caps documents per task (int) or a
+    fraction (float < 1)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    warn = warn or (lambda m: print(f"[spikellm] warning: {m}", file=sys.stderr, flush=True))
+    tasks = list(tasks)
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    specs: list = local_task_specs(tasks, data_dir, cache_dir, warn) if data_dir else tasks
+    if not specs:
+        warn("no zero-shot task has data; nothing scored")
+        return {}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    res = lm_eval.simple_evaluate(model=lm, tasks=_build(specs), num_fewshot=0, limit=limit,
+                                  log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+    out: dict = {}
+    for task, r in res["results"].items():
+        for metric in ("acc", "acc_norm"):
+            v = r.get(f"{metric},none")
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                out[f"{metric}/{task}"] = float(v)
+        n = res.get("n-samples", {}).get(task, {})
+        if n:
+            out[f"n/{task}"] = int(n.get("effective", n.get("original", 0)))
+    accs = [out[f"acc/{t}"] for t in tasks if f"acc/{t}" in out]
+    if accs:
+        out["acc/avg"] = sum(accs) / len(accs)
+    return out
