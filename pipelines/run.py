@@ -119,6 +119,9 @@ def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
         "sweep": str(sweep_dir),
         "notes": json.loads(q.file("notes.json").read_text()) if q.file("notes.json").exists() else [],
     }
+    manifest["energy"] = energy_estimate(cfg, q.file("layer_costs.json"))
+    if manifest["energy"]:
+        metrics.update({f"cost/{k}": v for k, v in manifest["energy"]["total"].items()})
     run_dir.mkdir(parents=True, exist_ok=True)
     stats = q.file("module_stats.json")
     if stats.exists():
@@ -126,6 +129,21 @@ def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
     write_json(run_dir / "manifest.json", manifest)
     print_table(manifest, run_dir / "manifest.json")
     return run_dir / "manifest.json"
+
+
+def energy_estimate(cfg, layer_costs: Path) -> dict:
+    """Per-layer and total energy per token (pJ) of the quantized linears from the quantize
+    artifact's layer costs and the `energy.*` constants, which are assumptions (labelled so)."""
+    from spikellm.allocation import EnergyModel, LayerCost, energy_cost, layer_energy
+    if not layer_costs.exists():
+        return {}
+    layers = [LayerCost(**r) for r in json.loads(layer_costs.read_text())]
+    constants = {k: float(v) for k, v in cfg.energy.items() if k != "source"}
+    e = EnergyModel(**constants)
+    return {"assumption": f"per-operation energies in pJ from {cfg.energy.source}", "constants_pj": constants,
+            "total": energy_cost(layers, e),
+            "layers": [{"name": c.name, "ace": c.ace, "additive_fraction": c.additive_fraction,
+                        "avg_steps": c.avg_steps, "energy_pj": layer_energy(c, e)[0]} for c in layers]}
 
 
 def torch_load_shape(path: Path) -> list[int]:
@@ -161,6 +179,8 @@ def print_table(manifest: dict, path: Path) -> None:
     print(f"  {'metric'.ljust(width)}  value")
     for k in _ordered(m):
         print(f"  {k.ljust(width)}  {_fmt(m[k])}")
+    if manifest.get("energy"):
+        print(f"  (cost/energy_*: ASSUMED constants, {manifest['energy']['assumption']})")
     print(f"results: {path}\n", flush=True)
 
 

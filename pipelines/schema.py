@@ -57,6 +57,16 @@ class EvalCfg:
 
 
 @dataclass
+class EnergyCfg:
+    """Per-operation energies in pJ (assumptions; see spikellm.allocation.EnergyModel)."""
+    fp_mac: float = 4.6
+    fp_add: float = 0.9
+    int_mul_bitop: float = 0.003125
+    int_add: float = 0.1
+    source: str = "Horowitz 2014, 45 nm"
+
+
+@dataclass
 class PathsCfg:
     outputs: str = "outputs"
     data_dir: Optional[str] = None
@@ -90,6 +100,7 @@ class RunCfg:
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
+    energy: EnergyCfg = field(default_factory=EnergyCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
     launcher: LauncherCfg = field(default_factory=LauncherCfg)
     name: Optional[str] = None
@@ -113,6 +124,8 @@ def validate(cfg: Any) -> None:
         (all(t in ZS_TASKS for t in c.eval.tasks), "eval.tasks", f"a list drawn from {', '.join(ZS_TASKS)}", list(c.eval.tasks)),
         (c.eval.limit is None or c.eval.limit > 0, "eval.limit", "null, a count >= 1 or a fraction in (0, 1)", c.eval.limit),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
+        (min(c.energy.fp_mac, c.energy.fp_add, c.energy.int_mul_bitop, c.energy.int_add) >= 0,
+         "energy.*", "non-negative pJ per operation", dict(c.energy)),
         (c.logger.backend in ("wandb", "none"), "logger.backend", "wandb or none", c.logger.backend),
         (c.logger.backend == "none" or c.logger.mode in ("offline", "online"), "logger.mode", "offline or online", c.logger.mode),
         (c.launcher.kind in ("auto", "local", "submitit_local", "slurm"), "launcher.kind", "auto, local, submitit_local or slurm", c.launcher.kind),

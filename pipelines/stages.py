@@ -111,11 +111,18 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
                       checkpoint_dir=checkpoint)
     save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
+    _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
     _save_model(cfg, lm, out)
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
     return metrics
+
+
+def _write_layer_costs(out: Path, costs: list) -> None:
+    """layer_costs.json: per linear layer, per token: MACs' bit-widths, steps, ACE, additive share
+    (what the run manifest's energy estimate is computed from)."""
+    (out / "layer_costs.json").write_text(json.dumps([c.row() for c in costs], indent=1))
 
 
 def _save_model(cfg, lm: LoadedModel, out: Path) -> None:
@@ -128,7 +135,7 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
     """OmniQuant (+ GIF spiking): -> weights.safetensors with every block tensor (folded
     weights, norms, activation/KV masks), omni_params.safetensors (LET scales, LWC factors,
     per-epoch losses), module_stats.json."""
-    from spikellm.omni_cost import omniquant_cost
+    from spikellm.omni_cost import omniquant_cost, omniquant_layer_costs
     from spikellm.omniquant import omniquant
     lm = load(cfg)
     device = resolve_device(cfg.device)
@@ -146,6 +153,7 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
     save_file(_block_tensors(lm), str(out / "weights.safetensors"))
     save_file({k: v.contiguous() for k, v in params.items()}, str(out / "omni_params.safetensors"))
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in stats], indent=1))
+    _write_layer_costs(out, omniquant_layer_costs(lm.model, q, s)[0])
     _save_model(cfg, lm, out)
     metrics = {f"cost/{k}": v for k, v in omniquant_cost(lm.model, q, s).items()}
     metrics.update({"time/quantize_s": seconds, "mem/peak_gb": peak_memory_gb(device),

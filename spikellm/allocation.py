@@ -7,7 +7,7 @@ j-bit operand costs i*j bit-operations; a channel with T steps of b bits counts 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -62,6 +62,10 @@ class LayerCost:
     ace: float
     fp16_ace: float
     additive_fraction: float  # share of MACs that need no multiplier (ternary/binary spikes)
+    act_bits: float = 16.0    # activation bit-width (16: floating-point activations)
+
+    def row(self) -> dict:
+        return asdict(self)
 
 
 def layer_cost(name: str, c_out: int, c_in: int, steps: torch.Tensor, bits_per_step: float,
@@ -76,7 +80,7 @@ def layer_cost(name: str, c_out: int, c_in: int, steps: torch.Tensor, bits_per_s
     add = torch.as_tensor(additive, dtype=torch.float32)
     add_frac = float(add.float().mean()) if add.numel() > 1 else float(add)
     return LayerCost(name, c_out, c_in, float(steps.mean()), ace, float(c_out * c_in * 16 * 16),
-                     add_frac)
+                     add_frac, float(act_bits))
 
 
 def total_cost(layers: list[LayerCost]) -> dict[str, float]:
@@ -93,3 +97,38 @@ def total_cost(layers: list[LayerCost]) -> dict[str, float]:
         "additive_fraction": sum(layer.additive_fraction * layer.c_out * layer.c_in
                                  for layer in layers) / params,
     }
+
+
+@dataclass(frozen=True)
+class EnergyModel:
+    """Energy per operation in pJ: ASSUMED constants (method.md §7.4: the SNN literature's 45 nm
+    numbers, Horowitz 2014); SpikeLLM's own constants are unpublished.
+
+    A floating-point MAC (the FP16 reference, and weight-only quantized layers whose activations
+    stay floating point) costs `fp_mac`; an additive MAC step with floating-point activations
+    (a ternary/binary spike selects ±x) costs `fp_add`. With integer activations a MAC step
+    costs `int_mul_bitop` per bit-operation (w_bits·a_bits, the ACE rule; 8x8 = 0.2 pJ) unless it
+    is additive, plus `int_add` for the accumulation."""
+    fp_mac: float = 4.6
+    fp_add: float = 0.9
+    int_mul_bitop: float = 0.2 / 64
+    int_add: float = 0.1
+
+
+def layer_energy(c: LayerCost, e: EnergyModel) -> tuple[float, float]:
+    """-> (energy, FP16-reference energy) of one layer per token, in pJ."""
+    macs = c.c_out * c.c_in
+    step_macs = macs * c.avg_steps
+    if c.act_bits >= 16:
+        energy = step_macs * ((1 - c.additive_fraction) * e.fp_mac + c.additive_fraction * e.fp_add)
+    else:
+        energy = (1 - c.additive_fraction) * c.ace * e.int_mul_bitop + step_macs * e.int_add
+    return energy, macs * e.fp_mac
+
+
+def energy_cost(layers: list[LayerCost], e: EnergyModel | None = None) -> dict[str, float]:
+    """{energy_pj, energy_fp16_pj, energy_rel_fp16}: linear layers, per token, summed."""
+    e = e or EnergyModel()
+    pairs = [layer_energy(c, e) for c in layers]
+    q, fp = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    return {"energy_pj": q, "energy_fp16_pj": fp, "energy_rel_fp16": q / fp if fp else 0.0}

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .allocation import layer_cost, total_cost
+from .allocation import LayerCost, layer_cost, total_cost
 from .config import QuantConfig, SpikingConfig
 
 
-def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[str, float]:
-    """{avg_steps, ace, ace_rel_fp16, ace_rel_baseline, additive_fraction} over every QuantLinear."""
+def omniquant_layer_costs(model: nn.Module, q: QuantConfig, s: SpikingConfig
+                          ) -> tuple[list[LayerCost], list[LayerCost]]:
+    """-> (the cost of every QuantLinear, the same layers as the plain one-step W/A baseline)."""
     from .omniquant import QuantLinear
     steps_per = 2 ** s.addbit if s.mode == "gif" else 1
     layers, base = [], []
@@ -30,6 +31,12 @@ def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[s
         layers.append(layer_cost(name, m.out_features, m.in_features, t, q.wbits, q.abits))
         base.append(layer_cost(name, m.out_features, m.in_features, torch.ones(m.in_features),
                                q.wbits, q.abits))
+    return layers, base
+
+
+def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[str, float]:
+    """{avg_steps, ace, ace_rel_fp16, ace_rel_baseline, additive_fraction} over every QuantLinear."""
+    layers, base = omniquant_layer_costs(model, q, s)
     out = total_cost(layers)
     out["ace_rel_baseline"] = out["ace"] / max(total_cost(base)["ace"], 1e-12)
     return out

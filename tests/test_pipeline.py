@@ -54,6 +54,11 @@ def test_default_pipeline_end_to_end_reduced(tmp_path):
     stats = json.loads((manifest_path.parent / "module_stats.json").read_text())
     assert len(stats) == 30 * 7 and all(r["loss"] >= 0 for r in stats)
     assert "ppl/wikitext2" in p.stdout and "results:" in p.stdout
+    # energy per token from the layer costs: ternary spike steps are additions (1.4 steps on
+    # average), the layers' non-additive share multiplies
+    energy, a = m["energy"], metrics["cost/additive_fraction"]
+    assert len(energy["layers"]) == 30 * 7 and "ASSUMED constants" in p.stdout and a > 0.9
+    assert metrics["cost/energy_rel_fp16"] == pytest.approx(1.4 * (a * 0.9 + (1 - a) * 4.6) / 4.6, rel=0.02)
     # zero-shot through lm-eval in both evaluate stages, averaged, and logged as a W&B table
     for tag in ("", "fp/"):
         accs = [metrics[f"acc/{tag}{t}"] for t in ("winogrande", "boolq")]

@@ -110,3 +110,21 @@ def test_ace_of_hand_computed_allocations():
     tot = total_cost([c, w4])
     assert tot["ace"] == 192 + 512 and tot["ace_rel_fp16"] == (192 + 512) / (2 * 2048)
     assert tot["avg_steps"] == 1.25 and tot["additive_fraction"] == 0.5
+
+
+def test_energy_of_hand_computed_allocations():
+    from spikellm.allocation import EnergyModel, energy_cost, layer_energy
+    e = EnergyModel(fp_mac=4.6, fp_add=0.9, int_mul_bitop=0.2 / 64, int_add=0.1)
+    # ternary spiking weights, FP activations: every step is an add: 2*(1+3+1+1) = 12 adds
+    tern = layer_cost("t", 2, 4, torch.tensor([1, 3, 1, 1]), 1.0, 16.0, additive=True)
+    assert layer_energy(tern, e) == (pytest.approx(12 * 0.9), pytest.approx(8 * 4.6))
+    # W4A4 with one 2-step salient activation channel: bit-ops 2*4*4*5 = 160, 10 accumulations
+    w4a4 = layer_cost("q", 2, 4, torch.tensor([1, 1, 1, 2]), 4.0, 4.0)
+    assert w4a4.ace == 160 and w4a4.act_bits == 4.0
+    assert layer_energy(w4a4, e)[0] == pytest.approx(160 * 0.2 / 64 + 10 * 0.1)
+    # weight-only W4 (FP activations, multiplier needed): the FP MAC energy, no saving
+    w4 = layer_cost("w", 2, 4, torch.ones(4), 4.0, 16.0)
+    assert layer_energy(w4, e)[0] == pytest.approx(8 * 4.6)
+    tot = energy_cost([tern, w4a4, w4], e)
+    assert tot["energy_pj"] == pytest.approx(12 * 0.9 + 1.5 + 8 * 4.6)
+    assert tot["energy_rel_fp16"] == pytest.approx(tot["energy_pj"] / (3 * 8 * 4.6))
