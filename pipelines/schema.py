@@ -39,6 +39,8 @@ class ModelCfg:
     hub_id: Optional[str] = None
     family: str = "llama"
     dtype: str = "float32"
+    #: quantize block by block from the checkpoint's safetensors shards (host memory: one block)
+    stream: bool = False
     arch: Arch = field(default_factory=Arch)
     resources: Resources = field(default_factory=Resources)
 

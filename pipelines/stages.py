@@ -71,10 +71,15 @@ def _calib_ids(deps) -> torch.Tensor:
 
 def score(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """-> diags.pt: {"<block>.<linear>": diag(chol(H⁻¹)) [C_in]} from full-precision activations."""
-    lm = load(cfg)
     t0 = time.time()
-    diags = fp_saliency_diagonals(lm.model, _calib_ids(deps), cfg.quant.percdamp, cfg.batch_size,
-                                  resolve_device(cfg.device), cfg.progress)
+    if cfg.model.stream:
+        from spikellm.streaming import open_streaming
+        stream = open_streaming(_local_source(cfg), None, cfg.model.dtype, resolve_device(cfg.device))
+        model = stream.model
+    else:
+        stream, model = None, load(cfg).model
+    diags = fp_saliency_diagonals(model, _calib_ids(deps), cfg.quant.percdamp, cfg.batch_size,
+                                  resolve_device(cfg.device), cfg.progress, stream=stream)
     torch.save(diags, out / "diags.pt")
     return {"time/score_s": time.time() - t0}
 
@@ -99,6 +104,8 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
     time limit resumes after the last committed block."""
     if cfg.quant.method == "omniquant":
         return _omniquant_stage(cfg, deps, out, checkpoint)
+    if cfg.model.stream:
+        return _streamed_quantize(cfg, deps, out, checkpoint)
     lm = load(cfg)
     device = resolve_device(cfg.device)
     diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
@@ -114,6 +121,49 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
     _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
     _save_model(cfg, lm, out)
+    metrics = {f"cost/{k}": v for k, v in report.cost.items()}
+    metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
+    return metrics
+
+
+def _local_source(cfg) -> str:
+    """A local directory of the checkpoint (streaming memory-maps its shards): model.path, the
+    embedded model, or the hub id's safetensors snapshot (downloaded once by huggingface_hub)."""
+    if cfg.paths.cache:
+        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
+    source = resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
+    if Path(source).exists():
+        return source
+    from huggingface_hub import snapshot_download
+    return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+
+
+def _streamed_quantize(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None) -> dict:
+    """`model.stream=true`: blocks stream from the checkpoint's shards one at a time and the
+    quantized blocks are written as they finish -> model/ (a sharded safetensors checkpoint that
+    transformers loads), module_stats.json, layer_costs.json, notes.json."""
+    from transformers import AutoTokenizer
+
+    from spikellm.streaming import open_streaming
+    device = resolve_device(cfg.device)
+    source = _local_source(cfg)
+    # the streamed blocks are committed next to the block checkpoint, so a resumed run keeps them
+    target = (checkpoint / "model") if checkpoint is not None else (out / "model")
+    stream = open_streaming(source, target, cfg.model.dtype, device)
+    diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
+    calib = _calib_ids(deps)
+    say(f"quantizing {cfg.model.name} streamed block by block from {source}: quant={cfg.quant.method} "
+        f"(wbits={cfg.quant.wbits}) spiking={cfg.spiking.mode}")
+    report = quantize(stream.model, calib, OmegaConf.to_object(cfg.quant),
+                      OmegaConf.to_object(cfg.spiking), batch_size=cfg.batch_size, device=device,
+                      progress=cfg.progress, log=say, saliency_diags=diags,
+                      checkpoint_dir=checkpoint, stream=stream)
+    stream.finish(AutoTokenizer.from_pretrained(source))
+    if target != out / "model":
+        os.replace(target, out / "model")
+    (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
+    _write_layer_costs(out, report.costs)
+    (out / "notes.json").write_text(json.dumps(report.notes))
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
     return metrics
@@ -137,6 +187,9 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
     per-epoch losses), module_stats.json."""
     from spikellm.omni_cost import omniquant_cost, omniquant_layer_costs
     from spikellm.omniquant import omniquant
+    if cfg.model.stream:
+        say("note: model.stream applies to the GPTQ-family pipelines; OmniQuant loads the whole model "
+            "(its blocks train on the device one at a time)")
     lm = load(cfg)
     device = resolve_device(cfg.device)
     calib = _calib_ids(deps)
@@ -228,6 +281,10 @@ def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
 def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Perplexities of the quantized model: the checkpoint's linears replaced by the quantize
     artifact's weights."""
+    streamed = deps["quantize"].file("model")
+    if streamed.exists():                 # model.stream=true: the quantized checkpoint itself
+        lm = load_model(str(streamed), cfg.model.dtype, resolve_device(cfg.device))
+        return _ppl(cfg, lm, "quant")
     lm = load(cfg)
     if cfg.quant.method == "omniquant":   # runtime activation/KV quantizers whose masks load below
         from spikellm.omniquant import wrap_for_inference

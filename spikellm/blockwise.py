@@ -159,7 +159,8 @@ def _save_checkpoint(ckpt: Path, i: int, block: nn.Module, hidden: torch.Tensor,
     """After block i: its state, the next block's inputs, the stats so far (atomic rename)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / f".block-{i}.tmp"
-    torch.save({"block": i, "state": {k: v.detach().cpu() for k, v in block.state_dict().items()},
+    state = {k: v.detach().cpu() for k, v in block.state_dict().items() if v.device.type != "meta"}
+    torch.save({"block": i, "state": state,
                 "hidden": hidden.cpu(), "stats": [r.row() for r in stats]}, tmp)
     os.replace(tmp, ckpt / f"block-{i:05d}.pt")
     for old in ckpt.glob("block-*.pt"):           # keep the block states, drop old inputs
@@ -181,7 +182,8 @@ def _resume(ckpt: Path | None, blocks: nn.ModuleList, device) -> tuple[int, torc
     last = torch.load(files[-1], weights_only=True)
     for f in files:
         data = last if f == files[-1] else torch.load(f, weights_only=True)
-        blocks[data["block"]].load_state_dict(data["state"])
+        if data["state"]:                         # empty for streamed blocks (already on disk)
+            blocks[data["block"]].load_state_dict(data["state"])
     stats = [ModuleStats(**r) for r in last["stats"]]
     return last["block"] + 1, last["hidden"].to(device), stats
 
@@ -189,14 +191,17 @@ def _resume(ckpt: Path | None, blocks: nn.ModuleList, device) -> tuple[int, torc
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorithm: BlockAlgorithm,
                   device="cpu", batch_size: int = 8, progress: bool = True,
                   desc: str = "quantize", checkpoint_dir: str | os.PathLike | None = None,
-                  log=None) -> list[ModuleStats]:
+                  log=None, stream=None) -> list[ModuleStats]:
     """Capture block-0 inputs for ids [N, seqlen], then per block: `algorithm(i, block, inputs)`
     (which changes the block in place and returns stats rows), recompute the outputs, move on.
     A progress bar per block shows the block's summed loss and elapsed time.
 
     With `checkpoint_dir`, every finished block is committed there (its weights and the next
     block's inputs), and a later call with the same directory resumes after the last committed
-    block with the same result as an uninterrupted run."""
+    block with the same result as an uninterrupted run.
+
+    With `stream` (a `streaming.BlockStream`), blocks live on the meta device until their turn:
+    each is materialized from the checkpoint shards, processed, written out and released."""
     from tqdm.auto import tqdm
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -211,10 +216,12 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorit
                file=sys.stderr, dynamic_ncols=True, initial=start, total=len(blocks))
     t_start = time.time()
     for i in bar:
-        block = blocks[i]
+        block = blocks[i] if stream is None else stream.materialize(i, blocks[i])
         rows = algorithm(i, block, inputs)
         stats.extend(rows)
         inputs = BlockInputs(hidden=forward_block(block, inputs, batch_size), kwargs=inputs.kwargs)
+        if stream is not None:
+            stream.release(i, block)          # written before the checkpoint names block i done
         if ckpt is not None:
             _save_checkpoint(ckpt, i, block, inputs.hidden, stats)
         bar.set_postfix(loss=f"{sum(r.loss for r in rows):.3g}",

@@ -130,7 +130,7 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
 def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = None,
              s: SpikingConfig | None = None, batch_size: int = 8, device="cpu",
              progress: bool = True, log=print, saliency_diags: dict | None = None,
-             checkpoint_dir=None) -> QuantReport:
+             checkpoint_dir=None, stream=None) -> QuantReport:
     """Quantize all decoder-block linears of `model` in place.
 
     calib_ids [N, seqlen] calibration token ids. `saliency_diags` ("<block>.<linear>" ->
@@ -149,13 +149,17 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
     if q.method == "rtn" and s.mode == "none":
         # plain round-to-nearest needs no calibration activations at all
         no_inputs = BlockInputs(hidden=calib_ids[:0], kwargs={})
-        stats = [row for i, block in enumerate(blocks_of(model, spec))
-                 for row in algorithm(i, block, no_inputs)]
+        stats = []
+        for i, block in enumerate(blocks_of(model, spec)):
+            block = block if stream is None else stream.materialize(i, block)
+            stats.extend(algorithm(i, block, no_inputs))
+            if stream is not None:
+                stream.release(i, block)
     else:
         stats = run_blockwise(model, spec, calib_ids, algorithm, device=device,
                               batch_size=batch_size, progress=progress,
                               desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}",
-                              checkpoint_dir=checkpoint_dir, log=log)
+                              checkpoint_dir=checkpoint_dir, log=log, stream=stream)
     # from the stats rows, so blocks restored from a checkpoint are counted too
     costs = [LayerCost(f"{r.block}.{r.module}", r.c_out, r.c_in, r.avg_steps, r.ace, r.fp16_ace,
                        r.additive_fraction) for r in stats]
@@ -168,7 +172,8 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
 
 
 def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: float = 0.01,
-                          batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
+                          batch_size: int = 8, device="cpu", progress: bool = True,
+                          stream=None) -> dict:
     """diag(U), U = chol(H⁻¹), of every block linear, with H from the *full-precision* model's
     activations on calib_ids [N, seqlen]: "<block>.<linear>" -> [C_in]. Weights are unchanged.
     The Hessian saliency of any allocation (column or element) follows from it and W."""
@@ -191,5 +196,5 @@ def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: f
         return []
 
     run_blockwise(model, spec, calib_ids, algorithm, device=device, batch_size=batch_size,
-                  progress=progress, desc="saliency")
+                  progress=progress, desc="saliency", stream=stream)
     return out

@@ -1,0 +1,105 @@
+"""Block streaming from safetensors shards of the real embedded checkpoint (SmolLM2-135M).
+
+To keep CI short the checkpoint is cut to its first 6 decoder blocks (real weights, saved with
+transformers' save_pretrained as 2 shards); the streaming code path is the same for 30 or 80."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spikellm.config import QuantConfig, SpikingConfig
+from spikellm.embedded import embedded_checkpoint
+from spikellm.models import blocks_of, load_model
+from spikellm.quantize import quantize
+from spikellm.streaming import materialized_parameters, open_streaming
+
+Q, S = QuantConfig(method="gptq", wbits=3), SpikingConfig(mode="none")
+
+
+N_BLOCKS = 6
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """The embedded model's first N_BLOCKS blocks as a sharded safetensors checkpoint + tokenizer."""
+    lm = load_model(str(embedded_checkpoint()))
+    lm.model.model.layers = lm.model.model.layers[:N_BLOCKS]
+    lm.model.config.num_hidden_layers = N_BLOCKS
+    lm.model.config.layer_types = lm.model.config.layer_types[:N_BLOCKS] \
+        if getattr(lm.model.config, "layer_types", None) else None
+    d = tmp_path_factory.mktemp("ckpt")
+    lm.model.save_pretrained(d, max_shard_size="60MB")
+    lm.tokenizer.save_pretrained(d)
+    assert (d / "model.safetensors.index.json").exists()
+    return d
+
+
+def _ids():
+    return torch.randint(0, 4000, (2, 64), generator=torch.Generator().manual_seed(0))
+
+
+def _count_on_materialize(stream, seen):
+    real = stream.materialize
+
+    def counting(i, block=None):
+        block = real(i, block)
+        seen.append(materialized_parameters(stream.model))
+        return block
+    stream.materialize = counting
+
+
+def test_streamed_gptq_holds_one_block_and_equals_the_whole_model_run(tmp_path, src):
+    from transformers import AutoTokenizer
+    stream = open_streaming(src, tmp_path / "q", dtype="float32")
+    blocks = blocks_of(stream.model)
+    one_block = sum(p.numel() for p in blocks[0].parameters())
+    rest = materialized_parameters(stream.model)
+    assert rest == sum(p.numel() for n, p in stream.model.named_parameters()
+                       if not n.startswith("model.layers."))                 # no block loaded yet
+    seen = []
+    _count_on_materialize(stream, seen)
+    quantize(stream.model, _ids(), Q, S, progress=False, log=lambda *_: None, stream=stream)
+    assert len(seen) == len(blocks) and max(seen) == rest + one_block       # never two blocks
+    assert materialized_parameters(stream.model) == rest                    # all released
+    out = stream.finish(AutoTokenizer.from_pretrained(str(src)))
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) >= N_BLOCKS * 9
+    streamed = load_model(str(out))                # loads with transformers from_pretrained
+    whole = load_model(str(src))
+    quantize(whole.model, _ids(), Q, S, progress=False, log=lambda *_: None)
+    a, b = streamed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_run_resumes_after_a_crash_without_redoing_written_blocks(tmp_path, src):
+    from spikellm import quantize as qmod
+    real = qmod.gptq_solve
+    calls = {"n": 0}
+
+    def crash_in_block_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3 * 7 + 1:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    qmod.gptq_solve = crash_in_block_3
+    try:
+        s = open_streaming(src, tmp_path / "q", "float32")
+        with pytest.raises(KeyboardInterrupt):
+            quantize(s.model, _ids(), Q, S, progress=False, log=lambda *_: None, checkpoint_dir=tmp_path / "ckpt", stream=s)
+    finally:
+        qmod.gptq_solve = real
+    assert sorted(p.name for p in (tmp_path / "q").glob("block-*")) == \
+        [f"block-0000{i}.safetensors" for i in range(3)]
+    s2 = open_streaming(src, tmp_path / "q", "float32")
+    seen = []
+    _count_on_materialize(s2, seen)
+    quantize(s2.model, _ids(), Q, S, progress=False, log=lambda *_: None,
+             checkpoint_dir=tmp_path / "ckpt", stream=s2)
+    assert len(seen) == N_BLOCKS - 3                     # blocks 0-2 were not loaded again
+    from transformers import AutoTokenizer
+    resumed = load_model(str(s2.finish(AutoTokenizer.from_pretrained(str(src)))))
+    whole = load_model(str(src))
+    quantize(whole.model, _ids(), Q, S, progress=False, log=lambda *_: None)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
