@@ -96,7 +96,8 @@ def _resources(node) -> dict:
     r = node.cfg.model.resources
     if node.stage == "calibrate":
         return {"gpus": 0, "cpus": 1, "mem_gb": 4, "time_min": 60}
-    return {"gpus": int(r.gpus), "cpus": int(r.cpus), "mem_gb": int(r.mem_gb),
+    gpus = r.eval_gpus if node.stage.startswith("evaluate") and r.get("eval_gpus") else r.gpus
+    return {"gpus": int(gpus), "cpus": int(r.cpus), "mem_gb": int(r.mem_gb),
             "time_min": int(r.time_min)}
 
 

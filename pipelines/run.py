@@ -207,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[spikellm] note: this recipe declares a sweep ({' '.join(recipe_sweep(overrides))}); "
                   "running its default point only, add -m to run the sweep", file=sys.stderr)
         cfgs = [compose_config(p) for p in points]   # every point validated before any work
+        if cfgs[0].dry_run:
+            from .dryrun import PlanError, dry_run
+            try:
+                return dry_run(cfgs)
+            except PlanError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         if not show_cfg:
             for c in cfgs:
                 preflight(c)

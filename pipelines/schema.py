@@ -30,6 +30,8 @@ class Resources:
     cpus: int = 2
     mem_gb: int = 8
     time_min: int = 60
+    #: GPUs of the evaluate stages (the whole model on the devices); null = gpus
+    eval_gpus: Optional[int] = None
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ModelCfg:
     dtype: str = "float32"
     #: quantize block by block from the checkpoint's safetensors shards (host memory: one block)
     stream: bool = False
+    #: inline config.json (for the dry run without a checkpoint); null = model.arch
+    hf_config: Optional[dict] = None
     arch: Arch = field(default_factory=Arch)
     resources: Resources = field(default_factory=Resources)
 
@@ -66,6 +70,16 @@ class EnergyCfg:
     int_mul_bitop: float = 0.003125
     int_add: float = 0.1
     source: str = "Horowitz 2014, 45 nm"
+
+
+@dataclass
+class PlanCfg:
+    """Assumptions of the dry run's plan (pipelines/dryrun.py)."""
+    gpu_mem_gb: float = 80.0       # memory of one GPU of the cluster
+    gpu_speed: float = 1.0         # relative to the H200 the time anchors were measured on
+    cpu_slowdown: float = 50.0     # CPU time / H200 time (assumed)
+    host_base_gb: float = 3.0      # python + torch + transformers + data loaders
+    cuda_context_gb: float = 1.0
 
 
 @dataclass
@@ -103,6 +117,8 @@ class RunCfg:
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
     energy: EnergyCfg = field(default_factory=EnergyCfg)
+    plan: PlanCfg = field(default_factory=PlanCfg)
+    dry_run: bool = False
     logger: LoggerCfg = field(default_factory=LoggerCfg)
     launcher: LauncherCfg = field(default_factory=LauncherCfg)
     name: Optional[str] = None

@@ -40,12 +40,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load(cfg) -> LoadedModel:
+def _device_map(cfg, whole_model: bool) -> str | None:
+    """"auto" (accelerate spreads the layers) when a whole-model stage has several GPUs."""
+    gpus = cfg.model.resources.get("eval_gpus") or cfg.model.resources.gpus
+    if whole_model and resolve_device(cfg.device).startswith("cuda") and gpus > 1 \
+            and torch.cuda.device_count() > 1:
+        return "auto"
+    return None
+
+
+def load(cfg, whole_model: bool = False) -> LoadedModel:
     if cfg.paths.cache:
         os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
     source = resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
     t0 = time.time()
-    lm = load_model(source, cfg.model.dtype, resolve_device(cfg.device))
+    lm = load_model(source, cfg.model.dtype, resolve_device(cfg.device), _device_map(cfg, whole_model))
     say(f"loaded {cfg.model.name} from {source} in {time.time() - t0:.1f}s")
     return lm
 
@@ -275,7 +284,7 @@ def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
 
 def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Full-precision perplexities: the baseline every quantized point is compared with."""
-    return _ppl(cfg, load(cfg), "fp")
+    return _ppl(cfg, load(cfg, whole_model=True), "fp")
 
 
 def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
@@ -283,9 +292,10 @@ def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     artifact's weights."""
     streamed = deps["quantize"].file("model")
     if streamed.exists():                 # model.stream=true: the quantized checkpoint itself
-        lm = load_model(str(streamed), cfg.model.dtype, resolve_device(cfg.device))
+        lm = load_model(str(streamed), cfg.model.dtype, resolve_device(cfg.device),
+                        _device_map(cfg, whole_model=True))
         return _ppl(cfg, lm, "quant")
-    lm = load(cfg)
+    lm = load(cfg, whole_model=True)
     if cfg.quant.method == "omniquant":   # runtime activation/KV quantizers whose masks load below
         from spikellm.omniquant import wrap_for_inference
         wrap_for_inference(lm.model, OmegaConf.to_object(cfg.quant), OmegaConf.to_object(cfg.spiking))

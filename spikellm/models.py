@@ -98,7 +98,8 @@ def resolve_source(path: str | None, hub_id: str | None, name: str = "model") ->
                             f"variable) to a local directory, or model.hub_id")
 
 
-def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(source: str, dtype: str = "float32", device: str = "cpu",
+               device_map: str | None = None) -> LoadedModel:
     """Load a LLaMA-family causal LM and its tokenizer from a directory or hub id.
 
     The model is put in eval mode with `use_cache=False` (the block-wise engine replays
@@ -107,8 +108,10 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> Load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation="sdpa", device_map=device_map)
     model.config.use_cache = False
-    model.eval().to(device)
+    model.eval()
+    if device_map is None:           # with a device map (several GPUs) accelerate placed it
+        model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, spec=family_of(model))
