@@ -98,15 +98,20 @@ def test_spiking_attention_without_quantizers_equals_the_stock_attention(model, 
 
 
 def test_kv_quantizer_axes():
-    k = torch.randn(2, 3, 10, 8)
-    for axis in ("channel", "token"):
-        kvq = KVQuantizer(4, 3, 8, axis)
-        out = kvq.quant_k(k)
-        reduced = out.unique(dim=-2 if axis == "channel" else -1)
-        assert out.shape == k.shape and reduced.numel() <= k.numel()
-        # per-channel ranges: every (head, channel) column over tokens has <= 16 levels
-        col = out[0, 0, :, 0] if axis == "channel" else out[0, 0, 0, :]
-        assert col.unique().numel() <= 16
+    # square [tokens = head_dim = 8] so that transposing swaps the two axes exactly
+    k = torch.randn(2, 3, 8, 8) * torch.linspace(0.1, 5, 8)      # channel scales differ
+    by_channel = KVQuantizer(4, 3, 8, "channel").quant_k(k)
+    by_token = KVQuantizer(4, 3, 8, "token").quant_k(k)
+    assert by_channel.shape == k.shape
+    # per channel over tokens == per token quantization of the transposed operand
+    transposed = KVQuantizer(4, 3, 8, "token").quant_k(k.transpose(-1, -2)).transpose(-1, -2)
+    torch.testing.assert_close(by_channel, transposed)
+    # each (head, channel) column over tokens takes at most 16 levels, and the axes differ
+    assert all(by_channel[0, 0, :, c].unique().numel() <= 16 for c in range(8))
+    assert not torch.allclose(by_channel, by_token)
+    # per-channel ranges follow the channels' scales: smaller error on the small channels
+    err = (by_channel - k).abs().mean(dim=(0, 1, 2))
+    assert err[0] < err[-1]
 
 
 @pytest.mark.parametrize("k_axis", ["channel", "token"])
