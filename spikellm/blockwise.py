@@ -154,38 +154,44 @@ class InputCollector:
 BlockAlgorithm = Callable[[int, nn.Module, BlockInputs], list[ModuleStats]]
 
 
-def _save_checkpoint(ckpt: Path, i: int, block: nn.Module, hidden: torch.Tensor,
-                     stats: list[ModuleStats]) -> None:
-    """After block i: its state, the next block's inputs, the stats so far (atomic rename)."""
+def save_block_checkpoint(ckpt: Path, i: int, block: nn.Module, streams: dict[str, torch.Tensor],
+                          stats: list[ModuleStats], extra: dict | None = None) -> None:
+    """Commit block i (atomic rename): its state (streamed blocks on meta are already on disk and
+    are left out), the activation `streams` the next block starts from (e.g. {"hidden": [N, L, h]}),
+    the stats so far and `extra` (e.g. learned parameters). The previous block's file keeps its
+    state and extra but drops its streams, so the directory holds one set of activations."""
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / f".block-{i}.tmp"
     state = {k: v.detach().cpu() for k, v in block.state_dict().items() if v.device.type != "meta"}
-    torch.save({"block": i, "state": state,
-                "hidden": hidden.cpu(), "stats": [r.row() for r in stats]}, tmp)
+    torch.save({"block": i, "state": state, "streams": {k: v.cpu() for k, v in streams.items()},
+                "stats": [r.row() for r in stats], "extra": extra or {}}, tmp)
     os.replace(tmp, ckpt / f"block-{i:05d}.pt")
-    for old in ckpt.glob("block-*.pt"):           # keep the block states, drop old inputs
-        if old.name != f"block-{i:05d}.pt":
-            data = torch.load(old, weights_only=True)
-            if "hidden" in data:
-                data.pop("hidden")
-                torch.save(data, tmp)
-                os.replace(tmp, old)
+    prev = ckpt / f"block-{i - 1:05d}.pt"
+    if prev.exists():
+        data = torch.load(prev, weights_only=True)
+        if data.pop("streams", None) is not None:
+            torch.save(data, tmp)
+            os.replace(tmp, prev)
 
 
-def _resume(ckpt: Path | None, blocks: nn.ModuleList, device) -> tuple[int, torch.Tensor | None, list]:
-    """Restore blocks 0..k from a checkpoint; returns (k+1, inputs of block k+1, stats)."""
-    if ckpt is None or not ckpt.exists():
-        return 0, None, []
-    files = sorted(ckpt.glob("block-*.pt"))
+def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
+                          prepare: Callable[[nn.Module], None] | None = None
+                          ) -> tuple[int, dict[str, torch.Tensor], list[ModuleStats], list[dict]]:
+    """Restore the committed blocks 0..k (after `prepare(block)`, e.g. wrapping its linears so the
+    saved buffers fit) -> (k+1, the streams block k+1 starts from, stats, every block's extra)."""
+    files = sorted(ckpt.glob("block-*.pt")) if ckpt is not None and ckpt.exists() else []
     if not files:
-        return 0, None, []
+        return 0, {}, [], []
     last = torch.load(files[-1], weights_only=True)
+    extras = []
     for f in files:
         data = last if f == files[-1] else torch.load(f, weights_only=True)
         if data["state"]:                         # empty for streamed blocks (already on disk)
+            if prepare is not None:
+                prepare(blocks[data["block"]])
             blocks[data["block"]].load_state_dict(data["state"])
-    stats = [ModuleStats(**r) for r in last["stats"]]
-    return last["block"] + 1, last["hidden"].to(device), stats
+        extras.append(data.get("extra", {}))
+    return last["block"] + 1, last["streams"], [ModuleStats(**r) for r in last["stats"]], extras
 
 
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorithm: BlockAlgorithm,
@@ -206,10 +212,10 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorit
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     blocks = blocks_of(model, spec)
-    start, hidden, stats = _resume(ckpt, blocks, device)
+    start, streams, stats, _ = load_block_checkpoint(ckpt, blocks)
     inputs = capture_block_inputs(model, spec, ids if start == 0 else ids[:1], device)
     if start:
-        inputs = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+        inputs = BlockInputs(hidden=streams["hidden"].to(device), kwargs=inputs.kwargs)
         if log is not None:
             log(f"resuming after block {start - 1} from {ckpt}")
     bar = tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
@@ -223,7 +229,7 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorit
         if stream is not None:
             stream.release(i, block)          # written before the checkpoint names block i done
         if ckpt is not None:
-            _save_checkpoint(ckpt, i, block, inputs.hidden, stats)
+            save_block_checkpoint(ckpt, i, block, {"hidden": inputs.hidden}, stats)
         bar.set_postfix(loss=f"{sum(r.loss for r in rows):.3g}",
                         elapsed=f"{time.time() - t_start:.0f}s")
     return stats

@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .allocation import salient_mask
-from .blockwise import BlockInputs, InputCollector, ModuleStats, capture_block_inputs, forward_block, peak_memory_gb
+from .blockwise import (BlockInputs, InputCollector, ModuleStats, capture_block_inputs, forward_block,
+                        load_block_checkpoint, peak_memory_gb, save_block_checkpoint)
 from .config import QuantConfig, SpikingConfig
 from .gif import integer_codes, per_token_params, spike_train
 from .gptq import HessianAccumulator
@@ -339,42 +340,6 @@ def _lwc_state(linears) -> dict[str, torch.Tensor]:
     return out
 
 
-# ------------------------------------------------------------------------------ checkpoint
-
-def _save(ckpt: Path, i: int, block: nn.Module, fp: torch.Tensor, qh: torch.Tensor, params: dict,
-          stats: list[ModuleStats]) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / f".block-{i}.tmp"
-    torch.save({"block": i, "state": {k: v.detach().cpu() for k, v in block.state_dict().items()},
-                "fp": fp.cpu(), "q": qh.cpu(), "params": params,
-                "stats": [r.row() for r in stats]}, tmp)
-    os.replace(tmp, ckpt / f"block-{i:05d}.pt")
-    prev = ckpt / f"block-{i - 1:05d}.pt"
-    if prev.exists():                                 # keep earlier block states, drop their inputs
-        data = torch.load(prev, weights_only=True)
-        data.pop("fp", None)
-        data.pop("q", None)
-        torch.save(data, tmp)
-        os.replace(tmp, prev)
-
-
-def _resume(ckpt: Path | None, blocks, spec, q, s):
-    if ckpt is None or not ckpt.exists():
-        return 0, None, None, {}, []
-    files = sorted(ckpt.glob("block-*.pt"))
-    if not files:
-        return 0, None, None, {}, []
-    last = torch.load(files[-1], weights_only=True)
-    params = {}
-    for f in files:
-        data = last if f == files[-1] else torch.load(f, weights_only=True)
-        blk = blocks[data["block"]]
-        wrap_block(blk, spec, q, s, train=False)
-        blk.load_state_dict(data["state"])
-        params.update(data["params"])
-    return last["block"] + 1, last["fp"], last["q"], params, [ModuleStats(**r) for r in last["stats"]]
-
-
 # ------------------------------------------------------------------------------ the loop
 
 def _equal_steps(q: QuantConfig, s: SpikingConfig) -> float:
@@ -402,7 +367,10 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         use_spiking_attention(model)
     blocks = blocks_of(model, spec)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    start, fp, qh, params, stats = _resume(ckpt, blocks, spec, q, s)
+    start, streams, stats, extras = load_block_checkpoint(
+        ckpt, blocks, prepare=lambda blk: wrap_block(blk, spec, q, s, train=False))
+    fp, qh = streams.get("fp"), streams.get("q")
+    params = {k: v for e in extras for k, v in e.items()}
     inputs = capture_block_inputs(model, spec, calib_ids if start == 0 else calib_ids[:1], device)
     kw = inputs.kwargs
     if start == 0:
@@ -467,7 +435,8 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         params[f"{i}.epoch_loss"] = torch.tensor(history or [float("nan")])
         params[f"{i}.salient_counts"] = torch.tensor(list(counts.values()) or [0])
         if ckpt is not None:
-            _save(ckpt, i, block, fp, qh, {k: v for k, v in params.items() if k.startswith(f"{i}.")}, stats)
+            save_block_checkpoint(ckpt, i, block, {"fp": fp, "q": qh}, stats,
+                                  {k: v for k, v in params.items() if k.startswith(f"{i}.")})
         bar.set_postfix(loss=f"{loss:.3g}", elapsed=f"{time.time() - t_start:.0f}s")
     model.config.use_cache = False
     return stats, params
