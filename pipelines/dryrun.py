@@ -135,12 +135,15 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
     return StagePlan(stage, gpu / GiB if on_gpu else 0.0, host / GiB, disk / GiB, t, {}, note)
 
 
-def plan_sweep(cfgs: list) -> tuple[list[tuple[str, StagePlan]], list[str]]:
-    """-> ([(point name, stage plan)], [errors]) for the distinct stage instances of a sweep."""
+def plan_sweep(cfgs: list, fps: dict[str, Footprint] | None = None
+               ) -> tuple[list[tuple[str, StagePlan]], list[str]]:
+    """-> ([(point name, stage plan)], [errors]) for the distinct stage instances of a sweep.
+    `fps`: model name -> Footprint already built (filled in for the others)."""
     from .dag import plan as dag_plan
     from .launch import _resources
     p = dag_plan(cfgs)
-    rows, errors, fps = [], [], {}
+    rows, errors = [], []
+    fps = {} if fps is None else fps
     for node in p.nodes.values():
         cfg = node.cfg
         if cfg.model.name not in fps:
@@ -190,8 +193,7 @@ def _hms(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else (f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s")
 
 
-def describe(cfg) -> str:
-    fp = footprint(meta_model(model_config(cfg)))
+def describe(cfg, fp: Footprint) -> str:
     return (f"  {cfg.model.name}: {fp.params / 1e9:.2f} B parameters, {fp.n_blocks} blocks of "
             f"{fp.block_params / 1e6:.0f} M ({fp.block_params * _BYTES[cfg.model.dtype] / GiB:.2f} GB in "
             f"{cfg.model.dtype}), hidden {fp.hidden}, intermediate {fp.intermediate}, "
@@ -200,12 +202,12 @@ def describe(cfg) -> str:
 
 def dry_run(cfgs: list) -> int:
     """Print the plan of every stage; 0 when everything fits, 2 otherwise."""
-    seen, lines = set(), []
+    fps: dict[str, Footprint] = {}
     for c in cfgs:
-        if c.model.name not in seen:
-            seen.add(c.model.name)
-            lines.append(describe(c))
-    rows, errors = plan_sweep(cfgs)
+        if c.model.name not in fps:
+            fps[c.model.name] = footprint(meta_model(model_config(c)))
+    lines = [describe(next(c for c in cfgs if c.model.name == n), fp) for n, fp in fps.items()]
+    rows, errors = plan_sweep(cfgs, fps)
     print_plan(rows, errors, "\n".join(lines))
     plan_json = [{"model": n, **{k: v for k, v in vars(sp).items()}} for n, sp in rows]
     out = Path(cfgs[0].paths.outputs) / "dry_run.json"

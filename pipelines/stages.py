@@ -40,6 +40,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _export_cache(cfg) -> None:
+    """paths.cache -> $SPIKELLM_CACHE (where the embedded model and task files are cached)."""
+    if cfg.paths.cache:
+        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
+
+
 def _device_map(cfg, whole_model: bool) -> str | None:
     """"auto" (accelerate spreads the layers) when a whole-model stage has several GPUs."""
     gpus = cfg.model.resources.get("eval_gpus") or cfg.model.resources.gpus
@@ -50,8 +56,7 @@ def _device_map(cfg, whole_model: bool) -> str | None:
 
 
 def load(cfg, whole_model: bool = False) -> LoadedModel:
-    if cfg.paths.cache:
-        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
+    _export_cache(cfg)
     source = resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
     t0 = time.time()
     lm = load_model(source, cfg.model.dtype, resolve_device(cfg.device), _device_map(cfg, whole_model))
@@ -61,8 +66,7 @@ def load(cfg, whole_model: bool = False) -> LoadedModel:
 
 def _tokenizer(cfg):
     from transformers import AutoTokenizer
-    if cfg.paths.cache:
-        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
+    _export_cache(cfg)
     return AutoTokenizer.from_pretrained(
         resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}"))
 
@@ -116,20 +120,28 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
     if cfg.model.stream:
         return _streamed_quantize(cfg, deps, out, checkpoint)
     lm = load(cfg)
+    metrics = _quantize_and_report(cfg, deps, out, lm.model, checkpoint, "")
+    save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
+    _save_model(cfg, lm, out)
+    return metrics
+
+
+def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, checkpoint: Path | None,
+                         origin: str, stream=None) -> dict:
+    """The GPTQ-family run on `model` (whole or streamed) -> module_stats.json, layer_costs.json,
+    notes.json in `out`, and the stage's metrics."""
     device = resolve_device(cfg.device)
     diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
     calib = _calib_ids(deps)
-    say(f"quantizing {cfg.model.name}: quant={cfg.quant.method} (wbits={cfg.quant.wbits}) "
+    say(f"quantizing {cfg.model.name}{origin}: quant={cfg.quant.method} (wbits={cfg.quant.wbits}) "
         f"spiking={cfg.spiking.mode} on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
-    report = quantize(lm.model, calib, OmegaConf.to_object(cfg.quant),
+    report = quantize(model, calib, OmegaConf.to_object(cfg.quant),
                       OmegaConf.to_object(cfg.spiking), batch_size=cfg.batch_size, device=device,
                       progress=cfg.progress, log=say, saliency_diags=diags,
-                      checkpoint_dir=checkpoint)
-    save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
+                      checkpoint_dir=checkpoint, stream=stream)
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
-    _save_model(cfg, lm, out)
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
     return metrics
@@ -138,8 +150,7 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
 def _local_source(cfg) -> str:
     """A local directory of the checkpoint (streaming memory-maps its shards): model.path, the
     embedded model, or the hub id's safetensors snapshot (downloaded once by huggingface_hub)."""
-    if cfg.paths.cache:
-        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
+    _export_cache(cfg)
     source = resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
     if Path(source).exists():
         return source
@@ -159,22 +170,11 @@ def _streamed_quantize(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Pa
     # the streamed blocks are committed next to the block checkpoint, so a resumed run keeps them
     target = (checkpoint / "model") if checkpoint is not None else (out / "model")
     stream = open_streaming(source, target, cfg.model.dtype, device)
-    diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
-    calib = _calib_ids(deps)
-    say(f"quantizing {cfg.model.name} streamed block by block from {source}: quant={cfg.quant.method} "
-        f"(wbits={cfg.quant.wbits}) spiking={cfg.spiking.mode}")
-    report = quantize(stream.model, calib, OmegaConf.to_object(cfg.quant),
-                      OmegaConf.to_object(cfg.spiking), batch_size=cfg.batch_size, device=device,
-                      progress=cfg.progress, log=say, saliency_diags=diags,
-                      checkpoint_dir=checkpoint, stream=stream)
+    metrics = _quantize_and_report(cfg, deps, out, stream.model, checkpoint,
+                                   f" streamed block by block from {source}", stream)
     stream.finish(AutoTokenizer.from_pretrained(source))
     if target != out / "model":
         os.replace(target, out / "model")
-    (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
-    _write_layer_costs(out, report.costs)
-    (out / "notes.json").write_text(json.dumps(report.notes))
-    metrics = {f"cost/{k}": v for k, v in report.cost.items()}
-    metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
     return metrics
 
 
