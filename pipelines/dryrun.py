@@ -105,7 +105,7 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
     if stage == "score":
         hess = sum(d * d for d in fp.hessian_dims) * 4 * 2
         gpu = resident + 2 * acts + hess + fwd_work + ctx
-        return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + (rest_b + block_b if stream else model_b)) / GiB,
+        return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + resident) / GiB,
                          0.001, fp.n_blocks * fwd_s, {}, "FP Hessian diagonals" + (", streamed" if stream else ""))
     if stage == "act_stats":
         gpu = model_b + fwd_work + ctx
@@ -140,7 +140,7 @@ def plan_sweep(cfgs: list, fps: dict[str, Footprint] | None = None
     """-> ([(point name, stage plan)], [errors]) for the distinct stage instances of a sweep.
     `fps`: model name -> Footprint already built (filled in for the others)."""
     from .dag import plan as dag_plan
-    from .launch import _resources
+    from .launch import stage_resources
     p = dag_plan(cfgs)
     rows, errors = [], []
     fps = {} if fps is None else fps
@@ -148,7 +148,7 @@ def plan_sweep(cfgs: list, fps: dict[str, Footprint] | None = None
         cfg = node.cfg
         if cfg.model.name not in fps:
             fps[cfg.model.name] = footprint(meta_model(model_config(cfg)))
-        res = _resources(node)
+        res = stage_resources(node)
         want = cfg.device if cfg.device != "auto" else ("cuda" if res["gpus"] else "cpu")
         on_gpu = want.startswith("cuda") and node.stage != "calibrate"
         sp = _stage_plan(node.stage, cfg, fps[cfg.model.name], on_gpu)
@@ -203,11 +203,8 @@ def describe(cfg, fp: Footprint) -> str:
 def dry_run(cfgs: list) -> int:
     """Print the plan of every stage; 0 when everything fits, 2 otherwise."""
     fps: dict[str, Footprint] = {}
-    for c in cfgs:
-        if c.model.name not in fps:
-            fps[c.model.name] = footprint(meta_model(model_config(c)))
-    lines = [describe(next(c for c in cfgs if c.model.name == n), fp) for n, fp in fps.items()]
     rows, errors = plan_sweep(cfgs, fps)
+    lines = [describe(next(c for c in cfgs if c.model.name == n), fp) for n, fp in fps.items()]
     print_plan(rows, errors, "\n".join(lines))
     plan_json = [{"model": n, **{k: v for k, v in vars(sp).items()}} for n, sp in rows]
     out = Path(cfgs[0].paths.outputs) / "dry_run.json"

@@ -22,12 +22,12 @@ from .store import write_json
 from .tracking import Tracker
 
 
-
 def zero_shot_rows(metrics: dict) -> list[dict]:
     """acc/<task>, acc_norm/<task>, n/<task> metrics -> one row per task (and the average)."""
     tasks = [k.split("/", 1)[1] for k in metrics if k.startswith("acc/")]
     return [{"task": t, "acc": metrics[f"acc/{t}"], "acc_norm": metrics.get(f"acc_norm/{t}"),
              "n": metrics.get(f"n/{t}")} for t in tasks]
+
 
 def versions() -> dict:
     import torch

@@ -21,6 +21,7 @@ from .artifacts import ArtifactStore
 from .config import retype
 from .dag import Plan
 from .execute import run_node, set_state
+from .schema import eval_gpus
 from .stages import say
 from .tracking import Tracker
 
@@ -91,12 +92,12 @@ def run_node_job(sweep_dir: str, node_id: str) -> str:
     return str(art.path)
 
 
-def _resources(node) -> dict:
+def stage_resources(node) -> dict:
     """Per-stage resources: calibration is a small CPU job, the rest what the model needs."""
     r = node.cfg.model.resources
     if node.stage == "calibrate":
         return {"gpus": 0, "cpus": 1, "mem_gb": 4, "time_min": 60}
-    gpus = r.eval_gpus if node.stage.startswith("evaluate") and r.get("eval_gpus") else r.gpus
+    gpus = eval_gpus(r) if node.stage.startswith("evaluate") else r.gpus
     return {"gpus": int(gpus), "cpus": int(r.cpus), "mem_gb": int(r.mem_gb),
             "time_min": int(r.time_min)}
 
@@ -117,7 +118,7 @@ def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, names: list[str],
     # one array per (stage, resource class), in dependency order
     arrays: OrderedDict[tuple, list] = OrderedDict()
     for node in pending.values():
-        arrays.setdefault((node.stage, tuple(sorted(_resources(node).items()))), []).append(node)
+        arrays.setdefault((node.stage, tuple(sorted(stage_resources(node).items()))), []).append(node)
     job_of: dict[str, object] = {}
     array_of: dict[str, str] = {}
     jobs = []

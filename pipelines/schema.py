@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from spikellm.allocation import EnergyModel
 from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.config import validate as validate_method
 from spikellm.data import DATASETS, CalibSpec
@@ -32,6 +33,12 @@ class Resources:
     time_min: int = 60
     #: GPUs of the evaluate stages (the whole model on the devices); null = gpus
     eval_gpus: Optional[int] = None
+
+
+def eval_gpus(resources) -> int:
+    """GPUs of an evaluate stage (the whole model spread over them): model.resources.eval_gpus,
+    else model.resources.gpus."""
+    return int(resources.get("eval_gpus") or resources.gpus)
 
 
 @dataclass
@@ -64,11 +71,11 @@ class EvalCfg:
 
 @dataclass
 class EnergyCfg:
-    """Per-operation energies in pJ (assumptions; see spikellm.allocation.EnergyModel)."""
-    fp_mac: float = 4.6
-    fp_add: float = 0.9
-    int_mul_bitop: float = 0.003125
-    int_add: float = 0.1
+    """Per-operation energies in pJ (assumptions; defaults and meaning: spikellm.allocation.EnergyModel)."""
+    fp_mac: float = EnergyModel.fp_mac
+    fp_add: float = EnergyModel.fp_add
+    int_mul_bitop: float = EnergyModel.int_mul_bitop
+    int_add: float = EnergyModel.int_add
     source: str = "Horowitz 2014, 45 nm"
 
 

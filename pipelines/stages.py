@@ -26,6 +26,7 @@ from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
 from spikellm.quantize import fp_saliency_diagonals, quantize
 
 from .artifacts import Artifact
+from .schema import eval_gpus
 
 
 def say(msg: str) -> None:
@@ -48,11 +49,10 @@ def _export_cache(cfg) -> None:
 
 def _device_map(cfg, whole_model: bool) -> str | None:
     """"auto" (accelerate spreads the layers) when a whole-model stage has several GPUs."""
-    gpus = cfg.model.resources.get("eval_gpus") or cfg.model.resources.gpus
-    if whole_model and resolve_device(cfg.device).startswith("cuda") and gpus > 1 \
-            and torch.cuda.device_count() > 1:
-        return "auto"
-    return None
+    if not whole_model or eval_gpus(cfg.model.resources) < 2:
+        return None
+    several = resolve_device(cfg.device).startswith("cuda") and torch.cuda.device_count() > 1
+    return "auto" if several else None
 
 
 def load(cfg, whole_model: bool = False) -> LoadedModel:
@@ -93,6 +93,8 @@ def score(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
         stream, model = None, load(cfg).model
     diags = fp_saliency_diagonals(model, _calib_ids(deps), cfg.quant.percdamp, cfg.batch_size,
                                   resolve_device(cfg.device), cfg.progress, stream=stream)
+    if stream is not None:
+        stream.close()
     torch.save(diags, out / "diags.pt")
     return {"time/score_s": time.time() - t0}
 
@@ -194,7 +196,7 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
     """OmniQuant (+ GIF spiking): -> weights.safetensors with every block tensor (folded
     weights, norms, activation/KV masks), omni_params.safetensors (LET scales, LWC factors,
     per-epoch losses), module_stats.json."""
-    from spikellm.omni_cost import omniquant_cost, omniquant_layer_costs
+    from spikellm.omni_cost import cost_summary, omniquant_layer_costs
     from spikellm.omniquant import omniquant
     if cfg.model.stream:
         say("note: model.stream applies to the GPTQ-family pipelines; OmniQuant loads the whole model "
@@ -215,9 +217,10 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
     save_file(_block_tensors(lm), str(out / "weights.safetensors"))
     save_file({k: v.contiguous() for k, v in params.items()}, str(out / "omni_params.safetensors"))
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in stats], indent=1))
-    _write_layer_costs(out, omniquant_layer_costs(lm.model, q, s)[0])
+    layers, base = omniquant_layer_costs(lm.model, q, s)
+    _write_layer_costs(out, layers)
     _save_model(cfg, lm, out)
-    metrics = {f"cost/{k}": v for k, v in omniquant_cost(lm.model, q, s).items()}
+    metrics = {f"cost/{k}": v for k, v in cost_summary(layers, base).items()}
     metrics.update({"time/quantize_s": seconds, "mem/peak_gb": peak_memory_gb(device),
                     "time/block_epoch_s": seconds / max(1, len(stats)) / max(1, q.epochs)})
     return metrics
@@ -256,8 +259,12 @@ def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
         say(f"{name} = {out[name]:.3f} on {windows.shape[0]} x {windows.shape[1]} tokens "
             f"({time.time() - t0:.0f}s)")
         out[f"time/eval_{d}_s"] = time.time() - t0
-    out.update(_zero_shot(cfg, lm, tag))
     return out
+
+
+def _scores(cfg, lm: LoadedModel, tag: str) -> dict:
+    """Everything an evaluate stage measures on `lm`: perplexities and zero-shot accuracies."""
+    return {**_ppl(cfg, lm, tag), **_zero_shot(cfg, lm, tag)}
 
 
 def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
@@ -284,28 +291,29 @@ def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
 
 def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Full-precision perplexities: the baseline every quantized point is compared with."""
-    return _ppl(cfg, load(cfg, whole_model=True), "fp")
+    return _scores(cfg, load(cfg, whole_model=True), "fp")
 
 
 def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
-    """Perplexities of the quantized model: the checkpoint's linears replaced by the quantize
-    artifact's weights."""
-    streamed = deps["quantize"].file("model")
-    if streamed.exists():                 # model.stream=true: the quantized checkpoint itself
-        lm = load_model(str(streamed), cfg.model.dtype, resolve_device(cfg.device),
+    """Perplexities (and zero-shot accuracies) of the quantized model: the checkpoint's linears
+    replaced by the quantize artifact's weights, or, for a streamed quantize (no
+    weights.safetensors), the quantized checkpoint it wrote to model/."""
+    q = deps["quantize"]
+    if not q.file("weights.safetensors").exists():   # streamed: model/ is the quantized checkpoint
+        lm = load_model(str(q.file("model")), cfg.model.dtype, resolve_device(cfg.device),
                         _device_map(cfg, whole_model=True))
-        return _ppl(cfg, lm, "quant")
+        return _scores(cfg, lm, "quant")
     lm = load(cfg, whole_model=True)
     if cfg.quant.method == "omniquant":   # runtime activation/KV quantizers whose masks load below
         from spikellm.omniquant import wrap_for_inference
         wrap_for_inference(lm.model, OmegaConf.to_object(cfg.quant), OmegaConf.to_object(cfg.spiking))
-    weights = load_file(str(deps["quantize"].file("weights.safetensors")))
+    weights = load_file(str(q.file("weights.safetensors")))
     missing = lm.model.load_state_dict(
         {k: v if v.dtype == torch.bool else v.to(lm.model.dtype) for k, v in weights.items()},
         strict=False)
     if missing.unexpected_keys:
         raise RuntimeError(f"quantized weights do not fit the model: {missing.unexpected_keys[:3]}")
-    return _ppl(cfg, lm, "quant")
+    return _scores(cfg, lm, "quant")
 
 
 STAGE_FUNCTIONS = {"calibrate": calibrate, "score": score, "act_stats": act_stats, "quantize": quantize_stage,

@@ -14,6 +14,7 @@ from lm-eval's in capitalisation of one word (see the data README).
 from __future__ import annotations
 
 import bz2
+import functools
 import json
 import math
 import sys
@@ -104,12 +105,16 @@ def local_task_specs(tasks: Iterable[str], data_dir: str | Path, cache_dir: str 
     return specs
 
 
-def _build(specs: list) -> list:
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """lm-eval's task index (it reads every task YAML: seconds), built once per process."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager()
+
+
+def _build(specs: list, tm) -> list:
     """Task names as they are; local dicts as lm-eval's registered task with our overrides merged
     in (lm-eval merges overrides only when a registered entry is built with them)."""
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager()
     out = []
     for spec in specs:
         if isinstance(spec, str):
@@ -143,8 +148,10 @@ def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | Non
         warn("no zero-shot task has data; nothing scored")
         return {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    res = lm_eval.simple_evaluate(model=lm, tasks=_build(specs), num_fewshot=0, limit=limit,
-                                  log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+    tm = _task_manager()
+    res = lm_eval.simple_evaluate(model=lm, tasks=_build(specs, tm), num_fewshot=0, limit=limit,
+                                  log_samples=False, bootstrap_iters=0, verbosity="WARNING",
+                                  task_manager=tm)
     out: dict = {}
     for task, r in res["results"].items():
         for metric in ("acc", "acc_norm"):

@@ -34,9 +34,14 @@ def omniquant_layer_costs(model: nn.Module, q: QuantConfig, s: SpikingConfig
     return layers, base
 
 
-def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[str, float]:
-    """{avg_steps, ace, ace_rel_fp16, ace_rel_baseline, additive_fraction} over every QuantLinear."""
-    layers, base = omniquant_layer_costs(model, q, s)
+def cost_summary(layers: list[LayerCost], base: list[LayerCost]) -> dict[str, float]:
+    """{avg_steps, ace, ace_rel_fp16, ace_rel_baseline, additive_fraction} of `layers` (and of the
+    baseline `base`, as returned by `omniquant_layer_costs`)."""
     out = total_cost(layers)
     out["ace_rel_baseline"] = out["ace"] / max(total_cost(base)["ace"], 1e-12)
     return out
+
+
+def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[str, float]:
+    """`cost_summary` over every QuantLinear of `model`."""
+    return cost_summary(*omniquant_layer_costs(model, q, s))

@@ -128,8 +128,12 @@ class BlockStream:
         self.model.config.save_pretrained(self.out)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.out)
-        self.reader.close()
+        self.close()
         return self.out
+
+    def close(self) -> None:
+        """Close the source shards (after `finish`, or after a read-only statistics pass)."""
+        self.reader.close()
 
 
 def open_streaming(source: str | os.PathLike, out_dir: str | os.PathLike | None, dtype: str = "float16",
