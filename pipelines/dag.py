@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from spikellm.data import is_text_file, text_file_digest
+
 from .store import content_key
 
 #: bump a stage's version when its code changes what it writes: old artifacts stop matching
-STAGE_VERSIONS = {"calibrate": 1, "score": 1, "act_stats": 1, "quantize": 1, "evaluate": 1, "evaluate_fp": 1}
+STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 2, "evaluate": 2, "evaluate_fp": 2}
 
 
 def _model_id(cfg) -> dict:
@@ -28,7 +30,12 @@ def _sel(cfg, *paths: str) -> dict:
 
 
 def _eval_keys(cfg) -> dict:
-    keys = _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows")
+    keys = _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows", "eval.split")
+    files = [d for d in cfg.eval.datasets if is_text_file(d)]
+    if files:                    # a text file's content, not its name, is what is evaluated
+        keys["eval.files"] = {d: text_file_digest(d) for d in files}
+    if cfg.eval.split == "dev":  # dev windows are the held-out tail of the calibration source
+        keys.update(_sel(cfg, "calib.dataset", "calib.split", "calib.dev_fraction"))
     if OmegaConf.select(cfg, "eval.tasks"):          # absent/empty: keys of perplexity-only runs unchanged
         keys.update(_sel(cfg, "eval.tasks", "eval.limit"))
     return keys
@@ -36,7 +43,7 @@ def _eval_keys(cfg) -> dict:
 
 #: keys that only one family of methods reads (the others' output does not depend on them)
 _OMNI_ONLY = ("abits", "epochs", "lwc", "let", "k_axis", "let_lr", "lwc_lr", "wd", "alpha",
-              "train_batch", "nan_policy", "amp", "seed")
+              "aug_loss", "train_batch", "nan_policy", "amp", "seed")
 _GPTQ_ONLY = ("mse", "actorder", "blocksize", "true_sequential", "salient_frac", "high_bits")
 _TERNARY_ONLY = ("steps", "granularity", "group_size", "salient_scale", "saliency_from", "weighted",
                  "spike_bits")

@@ -170,10 +170,21 @@ def print_table(manifest: dict, path: Path) -> None:
     sp = cfg["spiking"]
     unit = "weights" if sp.get("granularity") == "element" else "columns"
     spiking = "none" if sp["mode"] == "none" else \
-        f"{sp['mode']} ({sp['ratio']:.0%} of {unit} x {sp['steps']} steps, {sp['select']})"
+        f"{sp['mode']} ({sp['ratio']:.0%} of {unit} x {sp['steps']} steps, {sp['select']}"
+    if sp["mode"] == "ternary":
+        spiking += f", thresholds per {sp.get('group_size') or 'row'}" + \
+            (" columns" if sp.get("group_size") else "") + ")"
+    elif sp["mode"] != "none":
+        spiking += ")"
+    qc = cfg["quant"]
+    extra = ""
+    if qc["method"] == "omniquant" and qc.get("abits", 16) < 16:
+        axis = qc.get("k_axis", "token")
+        extra = f"  K={axis}" + (" (NON-CAUSAL: per channel over the window)" if axis == "channel" else "")
+    split = cfg.get("eval", {}).get("split", "test")
     print(f"\nspikellm  model={cfg['model']['name']}  quant={manifest['choices']['quant']} "
-          f"(wbits={cfg['quant']['wbits']}, group={cfg['quant']['group_size'] or 'per-channel'})  "
-          f"spiking={spiking}")
+          f"(wbits={qc['wbits']}, group={qc['group_size'] or 'per-channel'})  "
+          f"spiking={spiking}{extra}  eval={split}")
     m = manifest["metrics"]
     width = max(len(k) for k in m)
     print(f"  {'metric'.ljust(width)}  value")

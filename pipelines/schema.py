@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from spikellm.allocation import EnergyModel
 from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.config import validate as validate_method
-from spikellm.data import DATASETS, CalibSpec
+from spikellm.data import DATASETS, SPLITS, CalibSpec, dataset_name, is_text_file
 
 from .zeroshot import TASKS as ZS_TASKS
 
@@ -58,7 +58,10 @@ class ModelCfg:
 
 @dataclass
 class EvalCfg:
+    #: wikitext2, ptb, c4, or paths of UTF-8 text files (windowed like WikiText-2)
     datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    #: "test" (each dataset's protocol split) or "dev" (held-out tail of the calibration source)
+    split: str = "test"
     seqlen: int = 2048
     max_windows: Optional[int] = None
     batch_size: int = 4
@@ -137,6 +140,7 @@ class RunCfg:
 
 def validate(cfg: Any) -> None:
     """Range checks; raise ValueError naming the key, the bad value and the allowed values."""
+    from spikellm.data import EVAL_SPLIT
     c = cfg
     checks = [
         (c.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "float32, float16 or bfloat16", c.model.dtype),
@@ -145,7 +149,17 @@ def validate(cfg: Any) -> None:
         (c.calib.seqlen >= 16, "calib.seqlen", ">= 16", c.calib.seqlen),
         (c.eval.seqlen >= 16, "eval.seqlen", ">= 16", c.eval.seqlen),
         (c.eval.max_windows is None or c.eval.max_windows >= 1, "eval.max_windows", "null or >= 1", c.eval.max_windows),
-        (all(d in DATASETS for d in c.eval.datasets), "eval.datasets", f"a list drawn from {', '.join(DATASETS)}", list(c.eval.datasets)),
+        (all(d in DATASETS or "/" in d or "." in d for d in c.eval.datasets), "eval.datasets",
+         f"a list of {', '.join(DATASETS)} or paths of text files", list(c.eval.datasets)),
+        (len({dataset_name(d) for d in c.eval.datasets}) == len(c.eval.datasets), "eval.datasets",
+         "datasets with distinct names (a text file is reported as ppl/<file stem>)", list(c.eval.datasets)),
+        (c.eval.split in SPLITS, "eval.split", f"one of {', '.join(SPLITS)}", c.eval.split),
+        (c.eval.split == "test" or not any(is_text_file(d) for d in c.eval.datasets), "eval.split",
+         "test when eval.datasets has a text file (a file is evaluated whole)", c.eval.split),
+        (0 <= c.calib.dev_fraction < 1, "calib.dev_fraction", "in [0, 1)", c.calib.dev_fraction),
+        (c.calib.split != EVAL_SPLIT.get(c.calib.dataset), "calib.split",
+         f"not the test split of {c.calib.dataset} (calibrating on test data makes every number unfair)",
+         c.calib.split),
         (all(t in ZS_TASKS for t in c.eval.tasks), "eval.tasks", f"a list drawn from {', '.join(ZS_TASKS)}", list(c.eval.tasks)),
         (c.eval.limit is None or c.eval.limit > 0, "eval.limit", "null, a count >= 1 or a fraction in (0, 1)", c.eval.limit),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
@@ -172,7 +186,7 @@ def typed(cfg) -> Any:
 def preflight(cfg: Any) -> None:
     """Checks that need the file system, before any work: the model checkpoint and every data
     file the run will read. Raises FileNotFoundError / DataError with one line."""
-    from spikellm.data import EVAL_SPLIT, check_available
+    from spikellm.data import EVAL_SPLIT, check_available, dev_source
     from spikellm.models import resolve_source
     if cfg.model.path not in (None, "embedded"):
         resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
@@ -180,4 +194,8 @@ def preflight(cfg: Any) -> None:
         resolve_source(None, None, f"model={cfg.model.name}")
     check_available(cfg.calib.dataset, cfg.calib.split, cfg.paths.data_dir)
     for d in cfg.eval.datasets:
-        check_available(d, EVAL_SPLIT[d], cfg.paths.data_dir)
+        if cfg.eval.split == "dev":
+            check_available(d, dev_source(d, OmegaConf.to_object(cfg.calib), cfg.paths.data_dir),
+                            cfg.paths.data_dir)
+        else:
+            check_available(d, EVAL_SPLIT.get(d, "test"), cfg.paths.data_dir)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from spikellm.blockwise import peak_memory_gb
-from spikellm.data import calibration_set, evaluation_set
+from spikellm.data import calibration_set, dataset_name, evaluation_set
 from spikellm.evaluate import perplexity
 from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
 from spikellm.quantize import fp_saliency_diagonals, quantize
@@ -245,20 +245,28 @@ def _block_linear_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def ppl_metric(dataset: str, split: str, tag: str) -> str:
+    """ppl/<dataset> (test), ppl/dev/<dataset> (dev), with fp/ after ppl for the FP baseline;
+    a text file is named by its stem."""
+    name = dataset_name(dataset)
+    return "ppl/" + ("fp/" if tag == "fp" else "") + ("dev/" if split == "dev" else "") + name
+
+
 def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
     device = resolve_device(cfg.device)
     out = {}
+    calib = OmegaConf.to_object(cfg.calib)
     for d in cfg.eval.datasets:
         windows = evaluation_set(lm.tokenizer, d, cfg.eval.seqlen, cfg.eval.max_windows,
-                                 data_dir=cfg.paths.data_dir)
-        name = f"ppl/fp/{d}" if tag == "fp" else f"ppl/{d}"
+                                 split=cfg.eval.split, data_dir=cfg.paths.data_dir, calib=calib)
+        name = ppl_metric(d, cfg.eval.split, tag)
         t0 = time.time()
         out[name] = perplexity(lm.model, windows, cfg.eval.batch_size, device,
                                progress=cfg.progress,
                                desc=f"{name} ({windows.shape[0]}x{windows.shape[1]})")
         say(f"{name} = {out[name]:.3f} on {windows.shape[0]} x {windows.shape[1]} tokens "
             f"({time.time() - t0:.0f}s)")
-        out[f"time/eval_{d}_s"] = time.time() - t0
+        out[f"time/eval_{'dev_' if cfg.eval.split == 'dev' else ''}{dataset_name(d)}_s"] = time.time() - t0
     return out
 
 

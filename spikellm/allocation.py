@@ -3,10 +3,17 @@
 The top `ratio` fraction of channels (by score, or chosen at random) get `steps` GIF steps,
 all others one. Cost is counted in "equal steps" (mean steps per channel, weighted by the
 parameters behind each channel) and in ACE (method.md §7.4): a MAC between an i-bit and a
-j-bit operand costs i*j bit-operations; a channel with T steps of b bits counts T*b.
+j-bit operand costs i*j bit-operations; a channel with T steps of b bits counts T*b. Every
+per-row (or per-group) scale or zero point that multiplies a partial sum adds one FP16 x FP16
+multiply (256 bit-operations) per output and token.
+
+Storage is counted in bits per weight as stored: each code at its information content
+(log2 of its number of levels), every scale / zero point / threshold in FP16, and every salient
+mask at its information content (log2 C(n, k) for k salient out of n positions).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,6 +70,10 @@ class LayerCost:
     fp16_ace: float
     additive_fraction: float  # share of MACs that need no multiplier (ternary/binary spikes)
     act_bits: float = 16.0    # activation bit-width (16: floating-point activations)
+    #: bits per weight as stored (codes, FP16 scales/zeros, masks); 16 = FP16
+    storage_bits: float = 16.0
+    #: FP16 multiplies per output and token by a scale / zero point (one per row and group)
+    scale_mults: float = 0.0
 
     def row(self) -> dict:
         return asdict(self)
@@ -70,24 +81,42 @@ class LayerCost:
 
 def layer_cost(name: str, c_out: int, c_in: int, steps: torch.Tensor, bits_per_step: float,
                act_bits: float, additive: torch.Tensor | bool = False,
-               extra_bits: torch.Tensor | None = None) -> LayerCost:
+               extra_bits: torch.Tensor | None = None, storage_bits: float = 16.0,
+               scale_mults: float = 0.0) -> LayerCost:
     """steps [C_in] GIF steps per weight column of `bits_per_step` bits each, activations at
     `act_bits`. `extra_bits` [C_in] optionally overrides w_bits per column (PB-LLM's 8-bit
-    salient weights, given as the column's mean bits)."""
+    salient weights, given as the column's mean bits). `scale_mults`: FP16 scale multiplies per
+    output row and token (each costs 16 x 16 bit-operations); `storage_bits`: bits per weight
+    (`storage_bits_per_weight`)."""
     steps = steps.float()
     w_bits = steps * bits_per_step if extra_bits is None else extra_bits.float()
-    ace = float(c_out * (w_bits * act_bits).sum())
+    ace = float(c_out * (w_bits * act_bits).sum()) + float(c_out * scale_mults * 16 * 16)
     add = torch.as_tensor(additive, dtype=torch.float32)
     add_frac = float(add.float().mean()) if add.numel() > 1 else float(add)
     return LayerCost(name, c_out, c_in, float(steps.mean()), ace, float(c_out * c_in * 16 * 16),
-                     add_frac, float(act_bits))
+                     add_frac, float(act_bits), float(storage_bits), float(scale_mults))
+
+
+def mask_bits(n: int, k: int) -> float:
+    """Information content in bits of which k of n positions are salient: log2 C(n, k)."""
+    if k <= 0 or k >= n:
+        return 0.0
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def storage_bits_per_weight(c_out: int, c_in: int, code_bits: float, fp16_params: float,
+                            masks: float = 0.0) -> float:
+    """Bits per weight of a C_out x C_in layer: `code_bits` (total over all weights, each code at
+    log2 of its levels), `fp16_params` scales / zeros / thresholds at 16 bits, `masks` bits."""
+    return (code_bits + 16.0 * fp16_params + masks) / (c_out * c_in)
 
 
 def total_cost(layers: list[LayerCost]) -> dict[str, float]:
     """Totals over layers, weighted by parameter count."""
     params = sum(layer.c_out * layer.c_in for layer in layers)
     if params == 0:
-        return {"avg_steps": 1.0, "ace": 0.0, "ace_rel_fp16": 0.0, "additive_fraction": 0.0}
+        return {"avg_steps": 1.0, "ace": 0.0, "ace_rel_fp16": 0.0, "additive_fraction": 0.0,
+                "storage_bits": 16.0}
     ace = sum(layer.ace for layer in layers)
     fp16 = sum(layer.fp16_ace for layer in layers)
     return {
@@ -96,6 +125,7 @@ def total_cost(layers: list[LayerCost]) -> dict[str, float]:
         "ace_rel_fp16": ace / fp16,
         "additive_fraction": sum(layer.additive_fraction * layer.c_out * layer.c_in
                                  for layer in layers) / params,
+        "storage_bits": sum(layer.storage_bits * layer.c_out * layer.c_in for layer in layers) / params,
     }
 
 

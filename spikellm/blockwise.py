@@ -52,6 +52,8 @@ class ModuleStats:
     ace: float = 0.0               #: bit-operations per token (see allocation.layer_cost)
     fp16_ace: float = 0.0
     additive_fraction: float = 0.0
+    storage_bits: float = 16.0     #: bits per weight as stored (allocation.storage_bits_per_weight)
+    scale_mults: float = 0.0       #: FP16 scale multiplies per output and token
 
     def row(self) -> dict:
         return asdict(self)

@@ -6,10 +6,20 @@ loader returns one string built exactly as GPTQ builds it, `"\\n\\n".join(rows)`
 tokenized in one call and cut into non-overlapping `seqlen` windows (evaluation) or seeded
 random windows (calibration). GPTQ's "wikitext2" evaluates on test, its "ptb" on the PTB
 *validation* split, its "c4" on 256 random validation windows.
+
+Dev split: the last `dev_fraction` (default 10%) of a calibration source (tokens of the joined
+text; documents of C4) is held out. Calibration windows are drawn only from the part before it,
+so dev windows (`evaluation_set(..., split="dev")`) never overlap a calibration window, and
+they are never test data: design choices are made on them.
+
+Any UTF-8 text file can be evaluated too (`eval.datasets=[path/to/file.txt]`): its whole text
+is tokenized in one call and cut into windows exactly as WikiText-2 test is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -28,8 +38,45 @@ LOCAL_FILES = {
 }
 
 
+#: default share of a calibration source held out as its dev split
+DEV_FRACTION = 0.1
+
+
 class DataError(RuntimeError):
     """A data file is missing or unreadable; the message names the directory and the file."""
+
+
+def is_text_file(dataset: str) -> bool:
+    """True when an `eval.datasets` entry names a local text file rather than a known dataset."""
+    return dataset not in DATASETS
+
+
+def dataset_name(dataset: str) -> str:
+    """Metric name of an evaluation dataset: the dataset itself, or a text file's stem."""
+    return Path(dataset).stem if is_text_file(dataset) else dataset
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content; a missing or undecodable file is one DataError naming it."""
+    p = Path(path).expanduser()
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"text file {p} not found (eval.datasets takes wikitext2, ptb, c4 or the "
+                        f"path of a UTF-8 text file)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"text file {p} is not UTF-8 (byte {e.start}: {e.reason}); "
+                        f"convert it, e.g. iconv -t utf-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read text file {p}: {e.strerror}") from None
+
+
+def text_file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a text file's bytes (what an evaluation of it depends on)."""
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"cannot read text file {path}: {e.strerror}") from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -52,7 +99,12 @@ def _local_file(dataset: str, split: str, data_dir: Path) -> Path:
 
 
 def check_available(dataset: str, split: str, data_dir=None) -> None:
-    """Raise DataError (one line) if a local data directory is in use and lacks the file."""
+    """Raise DataError (one line) if a local data directory is in use and lacks the file
+    (or, for a text-file dataset, if the file does not exist)."""
+    if is_text_file(dataset):
+        if not Path(dataset).expanduser().is_file():
+            read_text(dataset)
+        return
     root = resolve_data_dir(data_dir)
     if root is not None:
         _local_file(dataset, split, root)
@@ -175,21 +227,32 @@ def c4_calib_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, see
 
 @dataclass
 class CalibSpec:
-    """Which text calibrates: `dataset`/`split`, `nsamples` windows of `seqlen` tokens, `seed`."""
+    """Which text calibrates: `dataset`/`split`, `nsamples` windows of `seqlen` tokens, `seed`.
+    The last `dev_fraction` of the split is never sampled: it is the dev split."""
     dataset: str = "wikitext2"
     split: str = "validation"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 2
+    dev_fraction: float = DEV_FRACTION
+
+
+def dev_cut(n: int, dev_fraction: float) -> int:
+    """Index where the held-out dev tail of a source of n items (tokens or documents) starts."""
+    if not 0.0 <= dev_fraction < 1.0:
+        raise ValueError(f"calib.dev_fraction={dev_fraction!r} is invalid: must be in [0, 1)")
+    return n - int(math.floor(n * dev_fraction))
 
 
 def calibration_set(tokenizer, spec: CalibSpec, data_dir=None) -> torch.Tensor:
-    """[nsamples, seqlen] token ids for calibration."""
+    """[nsamples, seqlen] token ids for calibration, drawn from the split minus its dev tail."""
     if spec.dataset == "c4":
-        return c4_calib_windows(tokenizer, load_rows("c4", spec.split, data_dir),
+        docs = load_rows("c4", spec.split, data_dir)
+        return c4_calib_windows(tokenizer, docs[: dev_cut(len(docs), spec.dev_fraction)],
                                 spec.nsamples, spec.seqlen, spec.seed)
     ids = tokenize(tokenizer, joined_text(spec.dataset, spec.split, data_dir))
-    return calib_windows(ids, spec.nsamples, spec.seqlen, spec.seed)
+    return calib_windows(ids[:, : dev_cut(ids.shape[1], spec.dev_fraction)], spec.nsamples,
+                         spec.seqlen, spec.seed)
 
 
 def c4_eval_windows(tokenizer, docs: list[str], seqlen: int, nsamples: int = 256, seed: int = 0) -> torch.Tensor:
@@ -200,13 +263,51 @@ def c4_eval_windows(tokenizer, docs: list[str], seqlen: int, nsamples: int = 256
 
 #: the split each dataset is evaluated on under the GPTQ/OmniQuant protocol
 EVAL_SPLIT = {"wikitext2": "test", "ptb": "validation", "c4": "validation"}
+#: evaluation splits: the protocol's test split, or the held-out dev tail of a calibration source
+SPLITS = ("test", "dev")
+
+
+def dev_source(dataset: str, calib: CalibSpec | None = None, data_dir=None) -> str:
+    """The split whose held-out tail is `dataset`'s dev split: the calibration split when
+    `dataset` is the one calibrated on, else the split calibration would use (train where it
+    exists; offline, the local non-test file: WikiText-2/PTB validation, C4 train)."""
+    if calib is not None and calib.dataset == dataset:
+        split = calib.split
+    elif resolve_data_dir(data_dir) is None or "train" in LOCAL_FILES[dataset]:
+        split = "train"
+    else:
+        split = "validation"
+    if split == EVAL_SPLIT[dataset]:
+        raise DataError(f"{dataset} has no dev split here: its calibration source {dataset}/{split} "
+                        f"is also its test split; evaluate it with eval.split=test")
+    return split
 
 
 def evaluation_set(tokenizer, dataset: str, seqlen: int, max_windows: int | None = None,
-                   split: str | None = None, data_dir=None) -> torch.Tensor:
-    """[n_windows, seqlen] token ids of the evaluation split (`EVAL_SPLIT` by default)."""
+                   split: str | None = None, data_dir=None, calib: CalibSpec | None = None
+                   ) -> torch.Tensor:
+    """[n_windows, seqlen] token ids of an evaluation split.
+
+    `split`: None or "test" = the protocol's split (`EVAL_SPLIT`), "dev" = the held-out tail of
+    the calibration source (`dev_source`; `calib` gives its split and `dev_fraction`), or an
+    explicit split name. A text-file `dataset` is windowed whole like WikiText-2 (test only)."""
+    if is_text_file(dataset):
+        if split == "dev":
+            raise DataError(f"eval.split=dev needs a named dataset; the text file {dataset} is "
+                            f"evaluated whole with eval.split=test")
+        return eval_windows(tokenize(tokenizer, read_text(dataset)), seqlen, max_windows)
+    frac = calib.dev_fraction if calib is not None else DEV_FRACTION
+    if split == "dev":
+        src = dev_source(dataset, calib, data_dir)
+        if dataset == "c4":
+            docs = load_rows("c4", src, data_dir)
+            n = min(256, max_windows) if max_windows else 256
+            return c4_eval_windows(tokenizer, docs[dev_cut(len(docs), frac):], seqlen, n)
+        ids = tokenize(tokenizer, joined_text(dataset, src, data_dir))
+        return eval_windows(ids[:, dev_cut(ids.shape[1], frac):], seqlen, max_windows)
+    split = None if split == "test" else split
     if dataset == "c4":
         n = min(256, max_windows) if max_windows else 256
-        return c4_eval_windows(tokenizer, load_rows("c4", "validation", data_dir), seqlen, n)
+        return c4_eval_windows(tokenizer, load_rows("c4", split or "validation", data_dir), seqlen, n)
     ids = tokenize(tokenizer, joined_text(dataset, split or EVAL_SPLIT[dataset], data_dir))
     return eval_windows(ids, seqlen, max_windows)

@@ -4,14 +4,17 @@ Per linear layer and token: Σ_j C_out · w_bits · a_bits · T_j, where T_j is 
 steps of input channel j: 2**addbit on salient activation channels (each step a b-bit spike)
 and/or 2**addbit on spiking weight columns, 1 elsewhere. The plain baseline is the same W/A grid
 with one step everywhere (W4A4: 16 per MAC); FP16 is 256 per MAC. Only the linear layers are
-counted (the Q·Kᵀ and P·V products are not).
+counted (the Q·Kᵀ and P·V products are not). Each output also multiplies its partial sums by
+the row's (group's) FP16 scale and zero point: 2 multiplies of 16 x 16 bit-operations per group.
+Storage: wbits codes (wbits+addbit on spiking weight columns), FP16 scale and zero per row and
+group, the salient masks at log2 C(n, k) bits.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .allocation import LayerCost, layer_cost, total_cost
+from .allocation import LayerCost, layer_cost, mask_bits, storage_bits_per_weight, total_cost
 from .config import QuantConfig, SpikingConfig
 
 
@@ -28,9 +31,21 @@ def omniquant_layer_costs(model: nn.Module, q: QuantConfig, s: SpikingConfig
         if m.act_quant is not None:
             t = torch.where(m.act_quant.salient.reshape(-1).cpu(), float(steps_per), t)
         t = torch.where(m.w_salient.cpu(), t * steps_per, t)
-        layers.append(layer_cost(name, m.out_features, m.in_features, t, q.wbits, q.abits))
+        groups = -(-m.in_features // q.group_size) if q.group_size else 1
+        n_wsal = int(m.w_salient.sum())
+        code_bits = m.out_features * (m.in_features * q.wbits + n_wsal * (s.addbit if n_wsal else 0))
+        masks = mask_bits(m.in_features, n_wsal)
+        if m.act_quant is not None:
+            masks += mask_bits(m.in_features, int(m.act_quant.salient.sum()))
+        store = storage_bits_per_weight(m.out_features, m.in_features, code_bits,
+                                        m.out_features * groups * 2, masks)
+        layers.append(layer_cost(name, m.out_features, m.in_features, t, q.wbits, q.abits,
+                                 storage_bits=store, scale_mults=2 * groups))
         base.append(layer_cost(name, m.out_features, m.in_features, torch.ones(m.in_features),
-                               q.wbits, q.abits))
+                               q.wbits, q.abits, scale_mults=2 * groups,
+                               storage_bits=storage_bits_per_weight(
+                                   m.out_features, m.in_features, m.out_features * m.in_features * q.wbits,
+                                   m.out_features * groups * 2)))
     return layers, base
 
 

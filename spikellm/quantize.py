@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .allocation import LayerCost, allocate_steps, layer_cost, total_cost
+from .allocation import LayerCost, allocate_steps, layer_cost, storage_bits_per_weight, total_cost
 from .blockwise import (BlockInputs, InputCollector, ModuleStats, forward_block, peak_memory_gb,
                         run_blockwise)
 from .config import QuantConfig, SpikingConfig, validate
@@ -34,7 +34,7 @@ def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.
     """Returns (quantizer, steps per column [C_in], extra_bits per column or None)."""
     C_in = W.shape[1]
     if q.method == "pbllm":
-        pq = PBLLMQuantizer(q.salient_frac, q.high_bits)
+        pq = PBLLMQuantizer(q.salient_frac, q.high_bits, q.group_size)
         pq.prepare(W.float(), U)
         bits = (pq.mask.float() * q.high_bits + (~pq.mask).float()).mean(0)
         # PB-LLM's "equal steps": mean bits per weight, (1-r)*1 + r*high_bits
@@ -73,16 +73,18 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Quan
     layer.weight.data = res.Q.to(W.dtype)
     ternary = s.mode == "ternary"
     bits_per_step = s.spike_bits if ternary else (1.0 if q.method == "pbllm" else q.wbits)
+    store = quantizer.storage(*W.shape)
     if ternary:
         # spikes only add or subtract; each output multiplies once per threshold (group x
         # normal/salient) to scale its partial sums
-        n_groups = -(-W.shape[1] // s.group_size) if s.group_size else 1
-        n_thresholds = n_groups * (2 if bool((steps > 1).any()) else 1)
-        additive = 1.0 - n_thresholds / W.shape[1]
+        additive = 1.0 - store["scale_mults"] / W.shape[1]
     else:
         additive = 1 - high_frac if high_frac is not None else False
     cost = layer_cost(name, W.shape[0], W.shape[1], steps, bits_per_step, 16.0,
-                      additive=additive, extra_bits=extra_bits)
+                      additive=additive, extra_bits=extra_bits,
+                      storage_bits=storage_bits_per_weight(W.shape[0], W.shape[1], store["code_bits"],
+                                                           store["fp16_params"], store["mask_bits"]),
+                      scale_mults=store["scale_mults"])
     return {"loss": res.loss, "recon_error": res.recon_error, "seconds": res.seconds,
             "damp": res.damp, "avg_steps": float(steps.float().mean()), "notes": notes}, cost
 
@@ -122,7 +124,9 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
                                         peak_mem_gb=peak_memory_gb(layer.weight.device),
                                         c_out=cost.c_out, c_in=cost.c_in, ace=cost.ace,
                                         fp16_ace=cost.fp16_ace,
-                                        additive_fraction=cost.additive_fraction))
+                                        additive_fraction=cost.additive_fraction,
+                                        storage_bits=cost.storage_bits,
+                                        scale_mults=cost.scale_mults))
         return rows
     return algorithm
 
@@ -162,11 +166,12 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
                               checkpoint_dir=checkpoint_dir, log=log, stream=stream)
     # from the stats rows, so blocks restored from a checkpoint are counted too
     costs = [LayerCost(f"{r.block}.{r.module}", r.c_out, r.c_in, r.avg_steps, r.ace, r.fp16_ace,
-                       r.additive_fraction) for r in stats]
+                       r.additive_fraction, storage_bits=r.storage_bits, scale_mults=r.scale_mults)
+             for r in stats]
     total = total_cost(costs)
     # baseline: the same grid with one step everywhere (plain W-bit, or plain ternary / binary)
     base_bits = s.spike_bits if s.mode == "ternary" else (1.0 if q.method == "pbllm" else q.wbits)
-    base = sum(c.c_out * c.c_in * base_bits * 16.0 for c in costs)
+    base = sum(c.c_out * (c.c_in * base_bits + c.scale_mults * 16.0) * 16.0 for c in costs)
     total["ace_rel_baseline"] = total["ace"] / base if base else 0.0
     return QuantReport(stats=stats, costs=costs, seconds=time.time() - t0, cost=total, notes=notes)
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .allocation import mask_bits
 from .gif import ternary_quant
 from .saliency import hessian_element_saliency
 
@@ -35,6 +36,16 @@ class ColumnQuantizer:
 
     def needs_fit(self, j: int) -> bool:
         return j == 0 if self.span <= 0 else j % self.span == 0
+
+    def groups(self, c_in: int) -> int:
+        """Parameter groups per output row: 1 per row, or one per `span` columns."""
+        return 1 if self.span <= 0 else -(-c_in // self.span)
+
+    def storage(self, c_out: int, c_in: int) -> dict:
+        """What the quantized layer stores and multiplies, after the solve: {"code_bits": total
+        bits of the codes, "fp16_params": scales/zeros/thresholds, "mask_bits": salient masks,
+        "scale_mults": FP16 multiplies per output row and token}."""
+        raise NotImplementedError  # pragma: no cover - interface
 
 
 class UniformQuantizer(ColumnQuantizer):
@@ -84,6 +95,14 @@ class UniformQuantizer(ColumnQuantizer):
     def quantize(self, j, w):
         return self._dq(w, self.scale[:, 0], self.zero[:, 0])
 
+    def storage(self, c_out, c_in):
+        g = self.groups(c_in)
+        # a row/group stores its scale (and zero when asymmetric); its partial sum is scaled and
+        # zero-corrected: two multiplies
+        return {"code_bits": float(c_out * c_in * self.bits),
+                "fp16_params": float(c_out * g * (1 if self.sym else 2)), "mask_bits": 0.0,
+                "scale_mults": float(2 * g)}
+
 
 class TernaryGIFQuantizer(ColumnQuantizer):
     """SpikeLLM ternary spiking weights: weight (i, j) is a T_ij-step bi-directional GIF, i.e.
@@ -104,6 +123,7 @@ class TernaryGIFQuantizer(ColumnQuantizer):
     def __init__(self, steps: torch.Tensor, group_size: int = 0, salient_scale: str = "own",
                  weighted: bool = False):
         self.steps = steps.long()
+        self.per_column = steps.dim() == 1
         self.span = group_size if group_size and group_size > 0 else 0
         if salient_scale not in ("shared", "own"):
             raise ValueError("salient_scale must be 'shared' or 'own'")
@@ -155,15 +175,36 @@ class TernaryGIFQuantizer(ColumnQuantizer):
     def quantize(self, j, w):
         return ternary_quant(w, self.alpha[:, j - self.j0], self.steps[:, j].to(w.dtype))
 
+    def thresholds(self) -> int:
+        """Thresholds per row and group: the normal weights' and, with salient_scale=own and any
+        salient weight, the salient weights' own."""
+        return 2 if self.salient_scale == "own" and bool((self.steps > 1).any()) else 1
+
+    def storage(self, c_out, c_in):
+        steps = self.steps.expand(c_out, c_in) if self.steps.dim() == 2 else \
+            self.steps.unsqueeze(0).expand(c_out, -1)
+        code_bits = float(torch.log2(2.0 * steps.double() + 1).sum())   # a T-step code: 2T+1 levels
+        salient = steps > 1
+        masks = mask_bits(c_in, int(salient[0].sum())) if self.per_column else \
+            mask_bits(c_out * c_in, int(salient.sum()))
+        n = self.groups(c_in) * self.thresholds()
+        return {"code_bits": code_bits, "fp16_params": float(c_out * n), "mask_bits": masks,
+                "scale_mults": float(n)}
+
 
 class PBLLMQuantizer(ColumnQuantizer):
     """PB-LLM: a `salient_frac` fraction of weights (per element, Hessian metric W²/U_jj² over
-    the whole matrix) kept at `high_bits` (per-row asymmetric min-max), the rest binarized per
-    row around the mean of the non-salient weights: mean + a*sign(w - mean), a = mean|w - mean|.
-    Mask and binarization parameters are fitted once on the original weights (as PB-LLM does)."""
+    the whole matrix) kept at `high_bits` (asymmetric min-max), the rest binarized around the
+    mean of the non-salient weights: mean + a*sign(w - mean), a = mean|w - mean|.
 
-    def __init__(self, salient_frac: float = 0.05, high_bits: int = 8):
+    group_size 0: one binarization (mean, a) and one high-bit grid per row, fitted once on the
+    original weights (as PB-LLM does); group_size g: one of each per row and group of g columns,
+    fitted at the group's first column from the solver's current weights (as GPTQ fits groups).
+    A group spanning the whole row is the per-row quantizer."""
+
+    def __init__(self, salient_frac: float = 0.05, high_bits: int = 8, group_size: int = 0):
         self.salient_frac, self.high = salient_frac, UniformQuantizer(high_bits)
+        self.span = group_size if group_size and group_size > 0 else 0
 
     def prepare(self, W, U):
         sal = hessian_element_saliency(W, U)
@@ -172,12 +213,28 @@ class PBLLMQuantizer(ColumnQuantizer):
         if k > 0:
             thr = torch.topk(sal.flatten(), k).values[-1]
             self.mask = sal >= thr
-        low = ~self.mask
+        if self.span <= 0:
+            self._fit_binary(0, W)
+
+    def _fit_binary(self, j: int, cols: torch.Tensor) -> None:
+        """Binarization and high-bit grids of columns j.. j+n-1 from cols [C_out, n]."""
+        low = ~self.mask[:, j: j + cols.shape[1]]
         cnt = low.sum(1).clamp_min(1)
-        self.mean = (W * low).sum(1) / cnt
-        self.a = ((W - self.mean[:, None]).abs() * low).sum(1) / cnt
-        self.high.fit(0, W)
+        self.mean = (cols * low).sum(1) / cnt
+        self.a = ((cols - self.mean[:, None]).abs() * low).sum(1) / cnt
+        self.high.fit(j, cols)
+
+    def fit(self, j, cols):
+        if self.span > 0:
+            self._fit_binary(j, cols)
 
     def quantize(self, j, w):
         binar = self.mean + self.a * torch.sign(w - self.mean)
         return torch.where(self.mask[:, j], self.high.quantize(j, w), binar)
+
+    def storage(self, c_out, c_in):
+        k = int(self.mask.sum())
+        n = self.groups(c_in) * 4      # per row/group: mean, a (binarized), scale, zero (high bits)
+        return {"code_bits": float(k * self.high.bits + (c_out * c_in - k)),
+                "fp16_params": float(c_out * n), "mask_bits": mask_bits(c_out * c_in, k),
+                "scale_mults": float(n)}

@@ -49,3 +49,63 @@ def test_missing_data_is_one_clear_error(tmp_path):
         load_rows("wikitext2", "test", tmp_path)
     msg = str(e.value)
     assert "wikitext-2-raw-v1/wiki.test.raw" in msg and str(tmp_path) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("seqlen,nsamples", [(512, 128), (2048, 32)])
+def test_dev_windows_never_overlap_calibration_windows(smollm, data_root, seqlen, nsamples):
+    """On the real WikiText-2 validation file: every calibration window of several seeds lies
+    before the held-out tail, and no dev window shares a token position with one."""
+    from spikellm.data import CalibSpec, calibration_set, dev_cut, evaluation_set
+    tok = smollm.tokenizer
+    ids = tokenize(tok, joined_text("wikitext2", "validation", data_root))
+    cut = dev_cut(ids.shape[1], 0.1)
+    dev = evaluation_set(tok, "wikitext2", seqlen, split="dev", data_dir=data_root)
+    assert torch.equal(dev.flatten(), ids[0, cut: cut + dev.numel()])       # dev = the tail
+    for seed in (0, 1, 2, 3):
+        spec = CalibSpec("wikitext2", "validation", nsamples, seqlen, seed)
+        cal = calibration_set(tok, spec, data_root)
+        rng = random.Random(seed)
+        for k in range(nsamples):       # reconstruct each window's start: all end before the tail
+            i = rng.randint(0, cut - seqlen - 1)
+            assert torch.equal(cal[k], ids[0, i: i + seqlen]) and i + seqlen <= cut
+    # and no dev window equals any calibration window's content
+    cal = calibration_set(tok, CalibSpec("wikitext2", "validation", nsamples, seqlen, 2), data_root)
+    assert not any(torch.equal(c, d) for c in cal for d in dev)
+
+
+def test_c4_dev_documents_are_never_calibration_documents(smollm, data_root):
+    from spikellm.data import CalibSpec, calibration_set, dev_cut, evaluation_set
+    tok = smollm.tokenizer
+    docs = load_rows("c4", "train", data_root)
+    cut = dev_cut(len(docs), 0.1)
+    cal = calibration_set(tok, CalibSpec("c4", "train", 16, 256, 0), data_root)
+    dev = evaluation_set(tok, "c4", 256, 8, split="dev", data_dir=data_root,
+                         calib=CalibSpec("c4", "train", 16, 256, 0))
+    tail = [tok(d, return_tensors="pt").input_ids[0] for d in docs[cut:]]
+    head_text = "\n".join(docs[:cut])
+    for w in dev:                       # each dev window comes from a held-out document
+        assert any(_contains(t, w) for t in tail)
+    for w in cal:
+        assert tok.decode(w[8:-8]) in head_text
+
+
+def _contains(seq: torch.Tensor, win: torch.Tensor) -> bool:
+    n = win.numel()
+    return any(torch.equal(seq[i: i + n], win) for i in range(seq.numel() - n + 1))
+
+
+def test_a_text_file_dataset_gives_the_loaders_windows(smollm, data_root, tmp_path):
+    from spikellm.data import evaluation_set
+    tok = smollm.tokenizer
+    path = tmp_path / "wiki_test_copy.txt"
+    path.write_text(joined_text("wikitext2", "test", data_root), encoding="utf-8")
+    ours = evaluation_set(tok, str(path), 512, 20)
+    ref = evaluation_set(tok, "wikitext2", 512, 20, data_dir=data_root)
+    assert torch.equal(ours, ref)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        evaluation_set(tok, str(bad), 512)
+    assert str(bad) in str(e.value) and "UTF-8" in str(e.value)
+    with pytest.raises(DataError):
+        evaluation_set(tok, str(path), 512, split="dev")

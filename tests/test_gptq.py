@@ -134,7 +134,14 @@ def test_quantize_verb_on_real_model_reports_cost(fresh_smollm, data_root):
     assert abs(rep.cost["avg_steps"] - 1.4) < 0.01            # equal steps (1-r) + r*T
     # multiplication-free but for one scale per row and threshold (2 of 576 or 1536 columns)
     assert 0.996 < rep.cost["additive_fraction"] < 1.0
-    assert abs(rep.cost["ace_rel_baseline"] - rep.cost["avg_steps"]) < 1e-6
+    # ACE: one 1-bit spike x 16-bit activation per step and MAC, plus the two threshold
+    # multiplies (16 x 16) per output row
+    expect = sum(c.c_out * (c.c_in * c.avg_steps * 16 + 2 * 256) for c in rep.costs)
+    assert abs(rep.cost["ace"] - expect) / expect < 1e-9
+    assert all(c.scale_mults == 2 for c in rep.costs)
+    assert abs(rep.cost["ace_rel_baseline"] - rep.cost["avg_steps"]) < 0.03
+    # storage: 80% ternary codes (log2 3) + 20% 3-step codes (log2 7) + masks + FP16 thresholds
+    assert 1.85 < rep.cost["storage_bits"] < 2.0
 
 
 def test_resume_after_a_crash_mid_model_equals_an_uninterrupted_run(smollm, data_root, tmp_path,
@@ -176,3 +183,67 @@ def test_resume_after_a_crash_mid_model_equals_an_uninterrupted_run(smollm, data
         assert resumed.cost["ace"] == ref.cost["ace"]
     finally:
         lm.model.load_state_dict(original)
+
+
+def _layer(seed=0, c_out=8, c_in=128, n=512):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(c_out, c_in, generator=g)
+    X = torch.randn(n, c_in, generator=g) * torch.linspace(0.2, 3, c_in)
+    return W, 2 * X.t() @ X / n
+
+
+def test_grouped_pbllm_and_ternary_equal_per_row_when_the_group_is_the_whole_row():
+    from spikellm.quantizers import PBLLMQuantizer, TernaryGIFQuantizer
+    W, H = _layer()
+    rows = gptq_solve(W, H, PBLLMQuantizer(0.05, 8, 0)).Q
+    whole = gptq_solve(W, H, PBLLMQuantizer(0.05, 8, 128)).Q
+    grouped = gptq_solve(W, H, PBLLMQuantizer(0.05, 8, 32)).Q
+    torch.testing.assert_close(whole, rows, rtol=0, atol=0)
+    assert not torch.equal(grouped, rows)
+    steps = torch.ones(8, 128, dtype=torch.long)
+    steps[:, ::5] = 3
+    rows = gptq_solve(W, H, TernaryGIFQuantizer(steps.clone(), 0)).Q
+    whole = gptq_solve(W, H, TernaryGIFQuantizer(steps.clone(), 128)).Q
+    grouped = gptq_solve(W, H, TernaryGIFQuantizer(steps.clone(), 32)).Q
+    torch.testing.assert_close(whole, rows, rtol=0, atol=0)
+    assert not torch.equal(grouped, rows)
+    # a group has one binarization (mean, a) per row: at most 2 + 2^8 distinct values per row-group
+    pq = PBLLMQuantizer(0.05, 8, 32)
+    Q = gptq_solve(W, H, pq).Q
+    for g0 in range(0, 128, 32):
+        low = Q[:, g0:g0 + 32][~pq.mask[:, g0:g0 + 32]].reshape(-1)
+        assert low.numel() > 0
+    assert all(Q[r, :32][~pq.mask[r, :32]].unique().numel() <= 2 for r in range(8))
+
+
+def test_storage_bits_of_a_tiny_layer_match_a_hand_count():
+    import math
+
+    from spikellm.allocation import storage_bits_per_weight
+    from spikellm.quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
+    W, H = _layer(c_out=4, c_in=64)
+    # GPTQ W3 g32 asymmetric: 3-bit codes + an FP16 scale and zero per row and group
+    u = UniformQuantizer(3, 32)
+    gptq_solve(W, H, u)
+    st = u.storage(4, 64)
+    assert storage_bits_per_weight(4, 64, st["code_bits"], st["fp16_params"], st["mask_bits"]) == \
+        (4 * 64 * 3 + 4 * 2 * 2 * 16) / (4 * 64)                       # 3 + 1 = 4 bits
+    # ternary, 8 salient columns x 3 steps, per row: log2 3 / log2 7 codes, 2 thresholds per
+    # row, the column mask log2 C(64, 8)
+    steps = torch.ones(64, dtype=torch.long)
+    steps[:8] = 3
+    t = TernaryGIFQuantizer(steps, 0)
+    gptq_solve(W, H, t)
+    st = t.storage(4, 64)
+    hand = 4 * (56 * math.log2(3) + 8 * math.log2(7)) + 4 * 2 * 16 + math.log2(math.comb(64, 8))
+    got = storage_bits_per_weight(4, 64, st["code_bits"], st["fp16_params"], st["mask_bits"])
+    assert abs(got - hand / 256) < 1e-9 and st["scale_mults"] == 2
+    # PB-LLM 5% (13 of 256 weights) at 8 bits, the rest 1 bit; mean, a, scale, zero per row
+    p = PBLLMQuantizer(0.05, 8)
+    gptq_solve(W, H, p)
+    st = p.storage(4, 64)
+    k = int(p.mask.sum())
+    assert k == 13
+    hand = k * 8 + (256 - k) + 4 * 4 * 16 + math.log2(math.comb(256, k))
+    got = storage_bits_per_weight(4, 64, st["code_bits"], st["fp16_params"], st["mask_bits"])
+    assert abs(got - hand / 256) < 1e-9
