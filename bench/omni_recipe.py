@@ -8,7 +8,17 @@ perplexity on WikiText-2 test, and the ACE cost; one JSON line per run.
         --settings rtn_w4a4,omni_w4a4,t2_w4a4,t4_w4a4,t2r_w4a4 --seeds 1,2,3 \
         --nsamples 32 --seqlen 512 --epochs 2 --device cuda
 
-`--summarize results*.jsonl` prints mean ± std per setting.
+`--summarize results*.jsonl` prints mean ± std per setting and K axis.
+
+The `omni*`/`t*` settings use SpikeLLM's hyperparameters (let_lr 1e-3, alpha 0.75, no aug_loss);
+`omniown_*` (and `t2own_w4a4`) use OmniQuant's own published ones (OpenGVLab/OmniQuant
+scripts/llama/llama-7b/w4a4.sh: let_lr 5e-3, alpha 0.5 (main.py defaults), --aug_loss;
+scripts/Llama-2/Llama-2-7b/w2a16.sh: LWC only, --aug_loss), at this script's reduced size
+(--nsamples/--seqlen/--epochs). K is quantized per token (`--k-axis token`, causal, the
+project default) unless `--k-axis channel` (SpikeLLM's code, non-causal; the axis of the
+README's numbers, measured before token became the default) or `channel_static`.
+`--aug-loss/--no-aug-loss`, `--let-lr`, `--alpha`, `--lwc/--no-lwc`, `--let/--no-let` override
+what the settings say.
 """
 from __future__ import annotations
 
@@ -37,7 +47,23 @@ SETTINGS = {
     "rtn_w2a16": (dict(wbits=2, abits=16, epochs=0, lwc=False, let=False), dict(mode="none")),
     "omni_w2a16": (dict(wbits=2, abits=16, let=False), dict(mode="none")),
     "t2_w2a16": (dict(wbits=2, abits=16, let=False), T2),
+    # OmniQuant's own recipes (see the module docstring)
+    "omniown_w4a4": (dict(wbits=4, abits=4, let_lr=5e-3, alpha=0.5, aug_loss=True), dict(mode="none")),
+    "t2own_w4a4": (dict(wbits=4, abits=4, let_lr=5e-3, alpha=0.5, aug_loss=True), T2),
+    "omniown_w2a16": (dict(wbits=2, abits=16, let=False, aug_loss=True), dict(mode="none")),
 }
+#: command-line flag (argparse dest) -> QuantConfig key it overrides when given
+OVERRIDES = {"aug_loss": "aug_loss", "let_lr": "let_lr", "alpha": "alpha", "lwc": "lwc", "let": "let"}
+
+
+def quant_config(name: str, seed: int, args) -> QuantConfig:
+    """The QuantConfig of one (setting, seed): the command line's size and K axis, the
+    setting's recipe, then the recipe flags given on the command line (OVERRIDES)."""
+    qo = SETTINGS[name][0]
+    qo = dict(qo, group_size=args.group_size_w2) if qo["wbits"] <= 2 else qo
+    given = {key: getattr(args, dest) for dest, key in OVERRIDES.items() if getattr(args, dest) is not None}
+    return QuantConfig(method="omniquant", **{"epochs": args.epochs, "seed": seed, "amp": args.amp,
+                                              "k_axis": args.k_axis, **qo, **given})
 
 
 def run_one(name: str, seed: int, args) -> dict:
@@ -48,10 +74,8 @@ def run_one(name: str, seed: int, args) -> dict:
     from spikellm.omni_cost import omniquant_cost
     from spikellm.omniquant import omniquant
 
-    qo, so = SETTINGS[name]
-    qo = dict(qo, group_size=args.group_size_w2) if qo["wbits"] <= 2 else qo
-    q = QuantConfig(method="omniquant", **{"epochs": args.epochs, "seed": seed, "amp": args.amp, **qo})
-    s = SpikingConfig(**{"seed": seed, **so})
+    q = quant_config(name, seed, args)
+    s = SpikingConfig(**{"seed": seed, **SETTINGS[name][1]})
     lm = load_model(resolve_source("embedded", None), device=args.device)
     calib = calibration_set(lm.tokenizer, CalibSpec("wikitext2", "validation", args.nsamples,
                                                      args.seqlen, seed), args.data_dir)
@@ -69,7 +93,9 @@ def run_one(name: str, seed: int, args) -> dict:
     return {"setting": name, "seed": seed, "ppl": ppl, "quantize_s": seconds,
             "block_epoch_s": seconds / len(stats) / max(1, q.epochs), "peak_gb": peak,
             "eval_windows": list(windows.shape), "calib": [args.nsamples, args.seqlen],
-            "epochs": q.epochs, "group_size": q.group_size, **{f"cost/{k}": v for k, v in cost.items()},
+            "epochs": q.epochs, "group_size": q.group_size, "k_axis": q.k_axis, "aug_loss": q.aug_loss,
+            "let_lr": q.let_lr, "alpha": q.alpha, "lwc": q.lwc, "let": q.let,
+            **{f"cost/{k}": v for k, v in cost.items()},
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
 
 
@@ -88,16 +114,20 @@ def summarize(files: list[str]) -> None:
     fp = [r["ppl"] for r in rows if r["setting"] == "fp"]
     if fp:
         print(f"fp: {fp[0]:.3f}")
-    for name in SETTINGS:
-        vals = [r["ppl"] for r in rows if r["setting"] == name]
-        if not vals:
+    for r in rows:                          # rows written before --k-axis existed used channel
+        r.setdefault("k_axis", "channel")
+    groups = [(name, axis) for name in SETTINGS for axis in ("token", "channel", "channel_static")]
+    for name, axis in groups:
+        sel = [r for r in rows if r["setting"] == name and r["k_axis"] == axis]
+        if not sel:
             continue
+        vals = [r["ppl"] for r in sel]
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        one = next(r for r in rows if r["setting"] == name)
-        print(f"{name:10s} n={len(vals)} ppl {statistics.mean(vals):9.3f} ± {sd:7.3f}  "
+        one = sel[0]
+        print(f"{name:13s} K={axis:14s} n={len(vals)} ppl {statistics.mean(vals):9.3f} ± {sd:7.3f}  "
               f"avg_steps {one['cost/avg_steps']:.3f}  ace/baseline {one['cost/ace_rel_baseline']:.3f}  "
-              f"block-epoch {statistics.mean(r['block_epoch_s'] for r in rows if r['setting'] == name):.2f}s  "
-              f"peak {max(r['peak_gb'] for r in rows if r['setting'] == name):.2f} GB")
+              f"block-epoch {statistics.mean(r['block_epoch_s'] for r in sel):.2f}s  "
+              f"peak {max(r['peak_gb'] for r in sel):.2f} GB")
 
 
 def main() -> int:
@@ -118,8 +148,20 @@ def main() -> int:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for training (CUDA)")
     ap.add_argument("--worker", default="0/1", help="k/W: run every W-th job starting at k")
     ap.add_argument("--group-size-w2", type=int, default=64, help="weight group size of the W2 settings")
+    ap.add_argument("--k-axis", default="token", choices=("token", "channel", "channel_static"),
+                    help="K quantization: token (causal, OmniQuant), channel (non-causal, SpikeLLM "
+                         "code), channel_static (causal fitted ranges)")
+    ap.add_argument("--aug-loss", dest="aug_loss", action=argparse.BooleanOptionalAction, default=None,
+                    help="OmniQuant's --aug_loss (default: as the setting says)")
+    ap.add_argument("--let-lr", dest="let_lr", type=float, default=None, help="default: the setting's")
+    ap.add_argument("--alpha", type=float, default=None, help="LET init exponent; default: the setting's")
+    ap.add_argument("--lwc", action=argparse.BooleanOptionalAction, default=None, help="default: the setting's")
+    ap.add_argument("--let", action=argparse.BooleanOptionalAction, default=None, help="default: the setting's")
     ap.add_argument("--summarize", nargs="*")
     args = ap.parse_args()
+    unknown = [n for n in args.settings.split(",") if n not in SETTINGS]
+    if unknown and not args.summarize:
+        ap.error(f"unknown setting {unknown[0]!r}: choose from {', '.join(SETTINGS)}")
     if args.summarize:
         summarize(args.summarize)
         return 0

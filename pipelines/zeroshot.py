@@ -10,6 +10,16 @@ whose local files are missing is skipped with a one-line warning.
 HellaSwag's local copy is a cleaned text rendering (query, gold, four endings), not the hub
 jsonl: its documents enter with lm-eval's processed fields directly, so its prompt can differ
 from lm-eval's in capitalisation of one word (see the data README).
+
+Scores do not depend on the batch size. lm-eval right-pads a batch and calls the model without
+an attention mask; under the causal mask a real position never attends to the pads after it,
+and every quantizer of a causal model (per-token activations, K per token or against fitted
+ranges) reads only its own position, so pads cannot reach a real position. A model with
+SpikeLLM's per-channel K (`quant.k_axis=channel`) takes each K range over all the tokens of the
+sequence, pads included: such a model is scored one request at a time (`scoring_batch_size`).
+What remains is floating point: in float32 a padded batch's matmuls round differently (~1 ulp)
+from an unpadded one's, and a low-bit quantizer can turn that into a different code on a rare
+token; a float64 model scores the same at every batch size (tests/test_zeroshot.py).
 """
 from __future__ import annotations
 
@@ -105,6 +115,24 @@ def local_task_specs(tasks: Iterable[str], data_dir: str | Path, cache_dir: str 
     return specs
 
 
+def has_non_causal_kv(model) -> bool:
+    """True when some attention's K quantization ranges over the whole sequence
+    (a `KVQuantizer` with k_axis="channel"): right-padding would enter those ranges."""
+    from spikellm.omni_attention import KVQuantizer
+    return any(isinstance(m, KVQuantizer) and not m.causal for m in model.modules())
+
+
+def scoring_batch_size(model, batch_size: int, note: Callable[[str], None]) -> int:
+    """The lm-eval batch size that keeps pads out of every quantizer range: `batch_size`, or 1
+    (with a one-line `note`) for a model with non-causal K quantization."""
+    if batch_size != 1 and has_non_causal_kv(model):
+        note(f"zero-shot: scoring one request at a time instead of batches of {batch_size}: "
+             f"quant.k_axis=channel takes K ranges over all tokens, so a batch's right-padding "
+             f"would change the scores")
+        return 1
+    return batch_size
+
+
 @functools.lru_cache(maxsize=1)
 def _task_manager():
     """lm-eval's task index (it reads every task YAML: seconds), built once per process."""
@@ -128,6 +156,35 @@ def _build(specs: list, tm) -> list:
     return out
 
 
+def _note(msg: str) -> None:
+    print(f"[spikellm] note: {msg}", file=sys.stderr, flush=True)
+
+
+def run_tasks(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | None,
+              cache_dir: str | Path, batch_size: int = 8, limit: int | float | None = None,
+              device: str = "cpu", warn: Callable[[str], None] | None = None,
+              log_samples: bool = False) -> dict | None:
+    """lm-eval's `simple_evaluate` result for `model` on `tasks`, 0-shot (None when no task has
+    data); with `log_samples` it holds res["samples"][task]: per document, its requests'
+    responses (`resps`: [[(loglikelihood, is_greedy)], ...] for multiple choice)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    warn = warn or (lambda m: print(f"[spikellm] warning: {m}", file=sys.stderr, flush=True))
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    specs: list = local_task_specs(tasks, data_dir, cache_dir, warn) if data_dir else list(tasks)
+    if not specs:
+        warn("no zero-shot task has data; nothing scored")
+        return None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device,
+              batch_size=scoring_batch_size(model, batch_size, _note))
+    tm = _task_manager()
+    return lm_eval.simple_evaluate(model=lm, tasks=_build(specs, tm), num_fewshot=0, limit=limit,
+                                   log_samples=log_samples, bootstrap_iters=0, verbosity="WARNING",
+                                   task_manager=tm)
+
+
 def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | None,
               cache_dir: str | Path, batch_size: int = 8, limit: int | float | None = None,
               device: str = "cpu", warn: Callable[[str], None] | None = None) -> dict:
@@ -135,23 +192,11 @@ def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | Non
 
     Returns {"acc/<task>": float, "acc_norm/<task>": float (where reported), "acc/avg": mean of
     the tasks' acc, "n/<task>": documents scored}. `limit` caps documents per task (int) or a
-    fraction (float < 1)."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    warn = warn or (lambda m: print(f"[spikellm] warning: {m}", file=sys.stderr, flush=True))
+    fraction (float < 1). The scores do not depend on `batch_size` (module docstring)."""
     tasks = list(tasks)
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    specs: list = local_task_specs(tasks, data_dir, cache_dir, warn) if data_dir else tasks
-    if not specs:
-        warn("no zero-shot task has data; nothing scored")
+    res = run_tasks(model, tokenizer, tasks, data_dir, cache_dir, batch_size, limit, device, warn)
+    if res is None:
         return {}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    tm = _task_manager()
-    res = lm_eval.simple_evaluate(model=lm, tasks=_build(specs, tm), num_fewshot=0, limit=limit,
-                                  log_samples=False, bootstrap_iters=0, verbosity="WARNING",
-                                  task_manager=tm)
     out: dict = {}
     for task, r in res["results"].items():
         for metric in ("acc", "acc_norm"):

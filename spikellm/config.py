@@ -6,6 +6,8 @@ from dataclasses import dataclass
 METHODS = ("rtn", "gptq", "pbllm", "omniquant")
 SPIKING_MODES = ("none", "ternary", "gif")
 SELECT = ("saliency", "random")
+#: quant.k_axis values (spikellm/omni_attention.py: what each means)
+K_AXES = ("token", "channel", "channel_static")
 
 
 @dataclass
@@ -33,13 +35,18 @@ class QuantConfig:
     #: learnable weight clipping / learnable equivalent transformation
     lwc: bool = True
     let: bool = True
-    #: K quantized per (head, channel) over tokens ("channel", SpikeLLM code) or per token ("token", OmniQuant)
-    k_axis: str = "channel"
+    #: K quantization axis: "token" (per token over head_dim, OmniQuant; causal), "channel" (per
+    #: (kv head, channel) over the window's tokens, SpikeLLM's code; NON-CAUSAL: later tokens
+    #: change earlier positions' quantization), "channel_static" (per (kv head, channel) against
+    #: min/max ranges fitted on the calibration set; causal)
+    k_axis: str = "token"
     let_lr: float = 1e-3
     lwc_lr: float = 1e-2
     wd: float = 0.0
     #: SmoothQuant exponent of the LET initialisation
     alpha: float = 0.75
+    #: OmniQuant's --aug_loss: add MSE(block_fp(q_in), block_q(q_in)) to MSE(fp_out, block_q(q_in))
+    aug_loss: bool = False
     #: calibration samples per training step
     train_batch: int = 1
     #: what a NaN/inf loss does: "fail" the stage, or "fp32": retrain the block without autocast
@@ -119,7 +126,8 @@ def validate(q: QuantConfig, s: SpikingConfig) -> None:
         (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),
         (1 <= q.abits <= 16, "quant.abits", "an integer in 1..16", q.abits),
         (q.epochs >= 0, "quant.epochs", ">= 0", q.epochs),
-        (q.k_axis in ("channel", "token"), "quant.k_axis", "channel or token", q.k_axis),
+        (q.k_axis in K_AXES, "quant.k_axis", "token (causal), channel (non-causal, SpikeLLM code) "
+         "or channel_static (causal, fitted ranges)", q.k_axis),
         (q.train_batch >= 1, "quant.train_batch", ">= 1", q.train_batch),
         (q.nan_policy in ("fail", "fp32"), "quant.nan_policy", "fail or fp32", q.nan_policy),
         (0 <= q.alpha <= 1, "quant.alpha", "in [0, 1]", q.alpha),

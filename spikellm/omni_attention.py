@@ -5,9 +5,14 @@ from its attention registry. We register one, "spikellm", that quantizes the ope
 bilinear products when the attention module carries a `KVQuantizer` (method.md §3.2, §4):
 
 - Q: b bits per token per head (over head_dim), no spiking;
-- K: b bits, salient (kv-head, channel) pairs with 2 GIF steps; quantized per channel over the
-  tokens of the window (`k_axis="channel"`, SpikeLLM's code, non-causal inside a window) or per
-  token over head_dim (`k_axis="token"`, OmniQuant);
+- K: b bits, salient (kv-head, channel) pairs with 2 GIF steps, on one of three axes
+  (`quant.k_axis`, `K_AXES`):
+  * "token" (default, OmniQuant): per token per head over head_dim, dynamic; causal;
+  * "channel" (SpikeLLM's official code): per (kv head, channel) over all the tokens of the
+    window, dynamic. NON-CAUSAL: a later token changes the range, hence the quantization, of
+    every earlier position (and right-padding of a batch enters the ranges);
+  * "channel_static": per (kv head, channel) against fixed min/max ranges fitted on the
+    calibration set (`StaticRangeActQuantizer`); causal, realizable with a KV cache;
 - V: b bits per token per head, salient channels with 2 GIF steps;
 - softmax P: unquantized.
 
@@ -20,24 +25,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .omni_quantizers import GIFActQuantizer
+from .config import K_AXES
+from .omni_quantizers import GIFActQuantizer, StaticRangeActQuantizer, compute_dtype
 from .saliency import kv_saliency
 
 IMPLEMENTATION = "spikellm"
 
+#: the K axes whose ranges use later tokens (K_AXES: all quant.k_axis values)
+NON_CAUSAL_K_AXES = ("channel",)
+
 
 class KVQuantizer(nn.Module):
-    """Per-attention-module quantizers and KV saliency; shapes for `kv_heads` heads of `head_dim`."""
+    """Per-attention-module quantizers and KV saliency; shapes for `kv_heads` heads of `head_dim`.
 
-    def __init__(self, bits: int, kv_heads: int, head_dim: int, k_axis: str = "channel",
+    `k_axis` (see the module docstring): "token" and "channel" quantize K dynamically
+    (`GIFActQuantizer`; "channel" is non-causal), "channel_static" against fitted per-(kv head,
+    channel) ranges (`StaticRangeActQuantizer`, fitted with `begin_k_fit`/`end_k_fit`)."""
+
+    def __init__(self, bits: int, kv_heads: int, head_dim: int, k_axis: str = "token",
                  kv_addbit: int = 1):
         super().__init__()
-        if k_axis not in ("channel", "token"):
-            raise ValueError("quant.k_axis must be 'channel' or 'token'")
+        if k_axis not in K_AXES:
+            raise ValueError(f"quant.k_axis={k_axis!r} is invalid: must be one of {', '.join(K_AXES)}")
         self.k_axis, self.kv_heads, self.head_dim = k_axis, kv_heads, head_dim
         self.q = GIFActQuantizer(bits, (1,), addbit=0)
-        k_shape = (kv_heads, head_dim, 1) if k_axis == "channel" else (kv_heads, 1, head_dim)
-        self.k = GIFActQuantizer(bits, k_shape, addbit=kv_addbit)
+        if k_axis == "channel_static":
+            self.k = StaticRangeActQuantizer(bits, (kv_heads, 1, head_dim), addbit=kv_addbit)
+        else:
+            k_shape = (kv_heads, head_dim, 1) if k_axis == "channel" else (kv_heads, 1, head_dim)
+            self.k = GIFActQuantizer(bits, k_shape, addbit=kv_addbit)
         self.v = GIFActQuantizer(bits, (kv_heads, 1, head_dim), addbit=kv_addbit)
         self.collect = False
         self._sal = {"k": None, "v": None}
@@ -73,15 +89,37 @@ class KVQuantizer(nn.Module):
         for m in (self.q, self.k, self.v):
             m.enabled = on
 
+    @property
+    def causal(self) -> bool:
+        """False when a position's K quantization depends on later tokens (k_axis="channel")."""
+        return self.k_axis not in NON_CAUSAL_K_AXES
+
+    @property
+    def static_k(self) -> bool:
+        """True when K uses fitted ranges (k_axis="channel_static")."""
+        return isinstance(self.k, StaticRangeActQuantizer)
+
+    def begin_k_fit(self) -> None:
+        """Start recording K's per-(kv head, channel) min/max (channel_static only)."""
+        self.k.begin_fit()
+
+    def end_k_fit(self) -> None:
+        """Make the K min/max recorded since `begin_k_fit` the static ranges."""
+        self.k.end_fit()
+
+    def cancel_k_fit(self) -> None:
+        """Stop recording K and keep the previous static ranges."""
+        self.k.cancel_fit()
+
     # -- quantization -------------------------------------------------------------------------
     def quant_q(self, q: torch.Tensor) -> torch.Tensor:
         return self.q(q)
 
     def quant_k(self, k: torch.Tensor) -> torch.Tensor:
-        """k [b, kv_heads, l, d]."""
-        if self.k_axis == "channel":
+        """k [b, kv_heads, l, d] (after RoPE) -> fake-quantized k, same shape."""
+        if self.k_axis == "channel":   # reduce over the tokens: the window's last dim after transposing
             return self.k(k.transpose(2, 3)).transpose(2, 3)
-        return self.k(k)
+        return self.k(k)               # token: over d per token; channel_static: fixed [kvh, 1, d] ranges
 
     def quant_v(self, v: torch.Tensor) -> torch.Tensor:
         return self.v(v)
@@ -111,7 +149,7 @@ def spiking_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         l, s = query.shape[2], k_rep.shape[2]
         causal = torch.ones(l, s, dtype=torch.bool, device=query.device).tril(s - l)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.softmax(scores, dim=-1, dtype=compute_dtype(scores)).to(query.dtype)
     if kvq is not None and kvq.collect:
         kvq.accumulate(query, k_rep, probs, v_rep)
     probs = F.dropout(probs, p=dropout, training=module.training)

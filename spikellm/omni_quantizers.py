@@ -3,22 +3,32 @@
 - `GIFActQuantizer`: per-token asymmetric dynamic activations; the salient channels of a fixed
   boolean mask get 2**addbit GIF steps, i.e. a (bits+addbit)-bit quantizer over the same
   per-token range (SpikeLLM's `fake_binary_simulate`).
+- `StaticRangeActQuantizer`: activations against fixed per-channel ranges (min/max buffers)
+  fitted on calibration data, salient channels with 2**addbit GIF steps over the same range;
+  values outside the range clamp. Causal (no statistic is taken at inference), used for K with
+  `quant.k_axis=channel_static`.
 - `LWCWeightQuantizer`: per-output-channel (or per-group) asymmetric weights with OmniQuant's
   learnable weight clipping (LWC): range [σ(lb)·min, σ(ub)·max], lb = ub = 4 at the start
   (0.982 of the full range). Salient input columns (weight spiking, W2A8/W2A16) get
   2**addbit GIF steps over the same clipped range.
 
-Both quantizers hold only their masks and LWC parameters; `bits >= 16` disables them.
+The quantizers hold only their masks, ranges and LWC parameters; `bits >= 16` disables them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .gif import fake_quant, gif_fake_quant, round_ste
+from .gif import fake_quant, gif_fake_quant
 
 #: OmniQuant's initial LWC logit: sigmoid(4) = 0.982 of the min/max range
 LWC_INIT = 4.0
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype quantizers compute in: float32, or float64 for float64 inputs (a float64 model
+    then has no float32 rounding that could flip a quantization code, e.g. between batch shapes)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class GIFActQuantizer(nn.Module):
@@ -45,11 +55,110 @@ class GIFActQuantizer(nn.Module):
         if not self.active:
             return x
         dtype = x.dtype
-        out = gif_fake_quant(x.float(), self.bits, self.salient, self.addbit)
+        out = gif_fake_quant(x.to(compute_dtype(x)), self.bits, self.salient, self.addbit)
         return out.to(dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, addbit={self.addbit}, salient={int(self.salient.sum())}/{self.salient.numel()}"
+
+
+def range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric grid of a given range: (scale, zero point), both shaped like xmin/xmax. The
+    zero point is rounded without a gradient, as OmniQuant's quantizer does."""
+    scale = ((xmax - xmin) / (2 ** bits - 1)).clamp(min=1e-5, max=1e4)
+    zero = (-xmin / scale).clamp(-1e4, 1e4).round()
+    return scale, zero
+
+
+class StaticRangeActQuantizer(nn.Module):
+    """x [..., C] -> fake-quantized x against fixed ranges `xmin`, `xmax` (buffers of
+    `range_shape`, broadcast against x; e.g. [kv_heads, 1, head_dim] for K [b, kv_heads, l, d]:
+    one range per (kv head, channel)). `salient`: bool buffer of the same shape, those channels
+    get bits+addbit (2**addbit GIF steps) over the same range. Values outside a range clamp.
+
+    Ranges are fitted, not computed per input, so a position's quantization never depends on
+    other positions (causal). Fitting: `begin_fit()`, forwards over calibration data (each
+    records the running min/max over every axis where `range_shape` is 1), `end_fit()`.
+    During a fit the forward returns x unquantized until a first range exists, and quantizes
+    with the previous range afterwards (a refit while training keeps the trained path)."""
+
+    def __init__(self, bits: int, range_shape: tuple[int, ...], addbit: int = 1):
+        super().__init__()
+        self.bits, self.addbit = int(bits), int(addbit)
+        self.register_buffer("salient", torch.zeros(range_shape, dtype=torch.bool))
+        # +inf/-inf: "never fitted" (a fresh `wrap_for_inference` module before load_state_dict)
+        self.register_buffer("xmin", torch.full(range_shape, float("inf")))
+        self.register_buffer("xmax", torch.full(range_shape, float("-inf")))
+        self.enabled = True
+        self._seen: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fitting = False
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bits < 16
+
+    @property
+    def fitted(self) -> bool:
+        return bool(torch.isfinite(self.xmin).all() and torch.isfinite(self.xmax).all())
+
+    def set_salient(self, mask: torch.Tensor) -> None:
+        self.salient.copy_(mask.reshape(self.salient.shape).to(self.salient.device))
+
+    # -- fitting --------------------------------------------------------------------------------
+    def begin_fit(self) -> None:
+        """Start recording the min/max of every forward input (the previous range stays in use)."""
+        self.fitting, self._seen = True, None
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor) -> None:
+        """Update the running min/max with x [..., C], reduced to `range_shape`."""
+        shape = self.xmin.shape
+        lead = x.dim() - len(shape)
+        dims = tuple(range(lead)) + tuple(lead + j for j, n in enumerate(shape) if n == 1)
+        lo = x.detach().float().amin(dim=dims).reshape(shape)
+        hi = x.detach().float().amax(dim=dims).reshape(shape)
+        if self._seen is not None:
+            lo, hi = torch.minimum(lo, self._seen[0]), torch.maximum(hi, self._seen[1])
+        self._seen = (lo, hi)
+
+    @torch.no_grad()
+    def end_fit(self) -> None:
+        """Make the recorded min/max the range. Raises RuntimeError when nothing was recorded."""
+        self.fitting = False
+        if self._seen is None:
+            raise RuntimeError("StaticRangeActQuantizer.end_fit: no input was seen since begin_fit()")
+        self.xmin.copy_(self._seen[0])
+        self.xmax.copy_(self._seen[1])
+        self._seen = None
+
+    def cancel_fit(self) -> None:
+        """Stop recording and keep the previous range (a fit interrupted by an error)."""
+        self.fitting, self._seen = False, None
+
+    # -- quantization ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fitting:
+            self._record(x)
+        if not self.active:
+            return x
+        if not self.fitted:
+            if self.fitting:
+                return x
+            raise RuntimeError("static K ranges (quant.k_axis=channel_static) were never fitted: "
+                               "quantize with omniquant() or load the quantized state dict first")
+        dtype, xf = x.dtype, x.to(compute_dtype(x))
+        xmin, xmax = self.xmin.to(xf.dtype), self.xmax.to(xf.dtype)
+        scale, zero = range_params(xmin, xmax, self.bits)
+        out = fake_quant(xf, scale, zero, 2 ** self.bits - 1)
+        if bool(self.salient.any()):
+            hb = self.bits + self.addbit
+            hscale, hzero = range_params(xmin, xmax, hb)
+            out = torch.where(self.salient, fake_quant(xf, hscale, hzero, 2 ** hb - 1), out)
+        return out.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, addbit={self.addbit}, range={tuple(self.xmin.shape)}, "
+                f"fitted={self.fitted}, salient={int(self.salient.sum())}/{self.salient.numel()}")
 
 
 class LWCWeightQuantizer(nn.Module):
@@ -85,10 +194,10 @@ class LWCWeightQuantizer(nn.Module):
         if self.lwc:
             wmax = torch.sigmoid(self.upbound_factor) * wmax
             wmin = torch.sigmoid(self.lowbound_factor) * wmin
-        qmax = 2 ** bits - 1
-        scale = ((wmax - wmin) / qmax).clamp(min=1e-5, max=1e4)
-        zero = round_ste(-wmin / scale).clamp(-1e4, 1e4)
-        return fake_quant(wg, scale, zero, qmax)
+        # the zero point is rounded without a gradient (OmniQuant's quantizer.py: `.round()`):
+        # LWC learns through the scale and the STE rounding of w/scale only
+        scale, zero = range_params(wmin, wmax, bits)
+        return fake_quant(wg, scale, zero, 2 ** bits - 1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:

@@ -2,15 +2,26 @@
 
 Per decoder block i:
 1. full-precision targets: fp_out = block(fp_in) with quantization off (and, on the same pass,
-   the per-channel |x| maxima of the q/o/up inputs that LET starts from);
+   the per-channel |x| maxima of the q/o/up inputs that LET starts from); with `quant.aug_loss`
+   also fp_aug = block(q_in), quantization off (OmniQuant's `fp_inps_2`);
 2. mask pass: the block in full precision on the quantized prefix's outputs q_in; activation
    saliency per linear (§3.1), KV saliency (§3.2), Hessians for weight spiking (§3.3);
    the top `spiking.ratio` channels become salient;
 3. LET (init by SmoothQuant, α) and LWC (σ(4)) parameters; AdamW for `quant.epochs` over the
-   calibration samples, MSE(block_q(q_in), fp_out);
+   calibration samples, loss `block_loss`: MSE(block_q(q_in), fp_out) (+ MSE(block_q(q_in),
+   fp_aug) with aug_loss);
 4. LET folded into weights and norms, weights quantized in place, activation quantizers and
    masks kept as module buffers (saved with the weights: the official code loses them, B1);
 5. q_in <- block_q(q_in), fp_in <- fp_out; the block is committed to the checkpoint.
+
+With `quant.k_axis=channel_static` the K ranges (per kv head and channel, buffers saved with
+the weights) are fitted on the block's K over the calibration set, on the quantized prefix's
+inputs q_in with the block in its current quantized state (`fit_k_ranges`). LET's Q·Kᵀ scale
+moves K while training, so the ranges are fitted (a) after the LET/LWC initialisation, before
+training; (a') refreshed at the end of every epoch from the K seen by that epoch's training
+forwards (no extra pass; each step still uses fixed ranges); (b) refitted after folding and the
+cast back to the model's dtype, before the block's final quantized output pass, so the ranges
+saved are those of the K the folded block produces.
 
 The quantized model keeps `QuantLinear` modules (dynamic per-token activation quantizers) and
 `KVQuantizer`s on its attention modules; `wrap_for_inference` rebuilds them on a fresh model so
@@ -271,10 +282,48 @@ def _attach_let(linears, let: LETParams | None) -> None:
         ql.__dict__["let"] = let
 
 
+def _static_k(block: nn.Module) -> KVQuantizer | None:
+    """The block's KVQuantizer when K uses fitted ranges (k_axis=channel_static), else None."""
+    kvq = getattr(block.self_attn, "kv_quant", None)
+    return kvq if kvq is not None and kvq.static_k else None
+
+
+@torch.no_grad()
+def fit_k_ranges(block: nn.Module, inputs: BlockInputs, batch_size: int = 8) -> bool:
+    """Fit the static K ranges of a channel_static block: the per-(kv head, channel) min/max of
+    the K it computes on `inputs` (hidden [N, seqlen, hidden]) in its current state (quantizers
+    on: K comes out of the quantized k_proj). The forward stops at o_proj, after attention.
+    Returns False (and does nothing) for the other K axes."""
+    kvq = _static_k(block)
+    if kvq is None:
+        return False
+    kvq.begin_k_fit()
+    try:
+        with InputCollector({"o_proj": block.self_attn.o_proj}, lambda *_: None, stop_early=True):
+            forward_block(block, inputs, batch_size, collect_only=True)
+    except BaseException:
+        kvq.cancel_k_fit()
+        raise
+    kvq.end_k_fit()
+    return True
+
+
+def block_loss(out: torch.Tensor, fp_out: torch.Tensor, fp_aug: torch.Tensor | None = None) -> torch.Tensor:
+    """The block-wise training loss (OmniQuant, quantize/omniquant.py): MSE(fp_out, out), plus,
+    with --aug_loss, MSE(fp_aug, out) where fp_aug is the full-precision block on the same
+    (quantized-prefix) inputs as out. All [B, seqlen, hidden]; MSE = mean over elements."""
+    loss = F.mse_loss(out.float(), fp_out.float())
+    if fp_aug is not None:
+        loss = loss + F.mse_loss(out.float(), fp_aug.float())
+    return loss
+
+
 def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q: QuantConfig,
-                 i: int, use_amp: bool, log) -> list[float]:
-    """AdamW over (LET: let_lr, LWC: lwc_lr) for q.epochs; returns the mean loss per epoch.
-    Raises FloatingPointError on a non-finite loss."""
+                 i: int, use_amp: bool, log, fp_aug: torch.Tensor | None = None) -> list[float]:
+    """AdamW over (LET: let_lr, LWC: lwc_lr) for q.epochs on `block_loss(block(q_in), fp_out,
+    fp_aug)` (fp_aug [N, seqlen, hidden] with quant.aug_loss, else None); returns the mean loss
+    per epoch. Static K ranges (channel_static) are refreshed at each epoch's end from the K of
+    that epoch's forwards. Raises FloatingPointError on a non-finite loss."""
     groups = []
     if let is not None:
         groups.append({"params": list(let.parameters()), "lr": q.let_lr})
@@ -289,16 +338,21 @@ def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q
     gen = torch.Generator().manual_seed(q.seed + i)
     history = []
     amp = use_amp and device.type == "cuda"
+    static_k = _static_k(block)
     for epoch in range(q.epochs):
         total, steps = 0.0, 0
         order = torch.randperm(n, generator=gen)
+        if static_k is not None:
+            static_k.begin_k_fit()         # record this epoch's K; each step uses the last ranges
         for b0 in range(0, n, q.train_batch):
             idx = order[b0: b0 + q.train_batch].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = block(q_in.hidden[idx], **q_in.kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
-                loss = F.mse_loss(out.float(), fp_out[idx].float())
+                loss = block_loss(out, fp_out[idx], None if fp_aug is None else fp_aug[idx])
             if not torch.isfinite(loss):
+                if static_k is not None:
+                    static_k.cancel_k_fit()
                 raise FloatingPointError(
                     f"block {i}: training loss became {loss.item()} in epoch {epoch}; lower "
                     f"quant.let_lr/quant.lwc_lr, or set quant.nan_policy=fp32 to retrain in float32")
@@ -307,6 +361,8 @@ def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q
             opt.step()
             total += loss.item()
             steps += 1
+        if static_k is not None:
+            static_k.end_k_fit()
         history.append(total / max(steps, 1))
         if log is not None:
             log(f"block {i} epoch {epoch}: loss {history[-1]:.4g}")
@@ -395,6 +451,9 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         with InputCollector({n: linears[n] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")},
                             stats_hook, stop_early=False):
             fp_out = forward_block(block, BlockInputs(fp, kw), batch_size)
+        # OmniQuant's fp_inps_2: the full-precision block on the quantized prefix's inputs
+        fp_aug = (forward_block(block, BlockInputs(qh, kw), batch_size)
+                  if q.aug_loss and q.epochs > 0 else None)
         counts = {}
         if s.mode == "gif" and s.ratio > 0:
             counts = _mask_pass(block, linears, BlockInputs(qh, kw), q, s, s.seed + 1000 * i, batch_size)
@@ -404,11 +463,12 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         let = _let_init(block, linears, start_stats, q.alpha) if q.let and q.abits < 16 else None
         _attach_let(linears, let)
         _set_quant(block, linears, True)
+        fit_k_ranges(block, BlockInputs(qh, kw), batch_size)      # (a): K as LET/LWC start it
         def epoch_progress(msg):
             bar.set_postfix_str(f"{msg}, elapsed {time.time() - t_start:.0f}s")
         try:
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, q.amp,
-                                   epoch_progress)
+                                   epoch_progress, fp_aug=fp_aug)
         except FloatingPointError:
             if q.nan_policy != "fp32" or device == "cpu":
                 raise
@@ -417,13 +477,15 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
             linears = wrap_block(block, spec, q, s, train=True)
             let = _let_init(block, linears, start_stats, q.alpha) if let is not None else None
             _attach_let(linears, let)
+            fit_k_ranges(block, BlockInputs(qh, kw), batch_size)
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False,
-                                   epoch_progress)
+                                   epoch_progress, fp_aug=fp_aug)
         params.update({f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()})
         if let is not None:
             params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})
         _finalize(block, linears, let)
         block.to(dtype)                                # back to the model's dtype (masks stay bool)
+        fit_k_ranges(block, BlockInputs(qh, kw), batch_size)      # (b): the folded block's K
         with torch.no_grad():
             q_out = forward_block(block, BlockInputs(qh, kw), batch_size)
             loss = F.mse_loss(q_out, fp_out).item()

@@ -94,3 +94,23 @@ def test_omniquant_keys_and_spiking_defaults():
         compose_config(["spiking=t2"])                       # GIF spiking needs quant=omniquant
     with pytest.raises(ConfigError, match="quant.k_axis"):
         compose_config(["quant=omniquant", "quant.k_axis=rows"])
+
+
+def test_k_axis_defaults_causal_and_recipes_say_which_they_use():
+    cfg = compose_config(["quant=omniquant"])
+    assert (cfg.quant.k_axis, cfg.quant.aug_loss) == ("token", False)
+    assert compose_config(["quant=omniquant", "quant.k_axis=channel_static"]).quant.k_axis == "channel_static"
+    assert compose_config(["experiment=paper_w4a4"]).quant.k_axis == "channel"   # the official code's
+    for recipe in ("omni_cpu", "omni_w4a4", "omni_own_cpu", "omni_own_w4a4"):
+        assert compose_config([f"experiment={recipe}"]).quant.k_axis == "token"
+
+
+def test_omniquant_own_recipes_carry_its_published_settings():
+    q = compose_config(["experiment=omni_own_w4a4"]).quant          # scripts/llama/llama-7b/w4a4.sh
+    assert (q.wbits, q.abits, q.epochs, q.lwc, q.let, q.let_lr, q.alpha, q.aug_loss) == \
+        (4, 4, 20, True, True, 0.005, 0.5, True)
+    q = compose_config(["experiment=omni_own_w2a16"]).quant         # scripts/Llama-2/Llama-2-7b/w2a16.sh
+    assert (q.wbits, q.abits, q.epochs, q.lwc, q.let, q.aug_loss, q.group_size) == \
+        (2, 16, 40, True, False, True, 0)
+    cpu = compose_config(["experiment=omni_own_cpu"])
+    assert (cpu.quant.let_lr, cpu.quant.alpha, cpu.quant.aug_loss, cpu.calib.nsamples) == (0.005, 0.5, True, 8)

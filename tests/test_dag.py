@@ -69,3 +69,11 @@ def test_omniquant_sweep_shares_calibration_and_activation_statistics():
 def test_group_sweep_over_quant_methods():
     p = plan(_cfgs(["quant=rtn,gptq", "spiking=none", "quant.wbits=3,4"]))
     assert p.count() == {"calibrate": 1, "evaluate_fp": 1, "quantize": 4, "evaluate": 4}
+
+
+def test_aug_loss_and_k_axis_key_omniquant_only():
+    omni = _keys(["quant=omniquant", "spiking=t2"])
+    for extra in ("quant.aug_loss=true", "quant.k_axis=channel", "quant.k_axis=channel_static"):
+        assert _keys(["quant=omniquant", "spiking=t2", extra])["quantize"] != omni["quantize"]
+    rtn = _keys(["quant=rtn", "spiking=none"])
+    assert _keys(["quant=rtn", "spiking=none", "+quant.aug_loss=true"]) == rtn

@@ -52,3 +52,59 @@ def test_in_memory_quantized_model_is_the_one_scored(fresh_smollm, data_root, tm
              progress=False, log=lambda *_: None)
     q = zero_shot(lm.model, lm.tokenizer, ["arc_easy"], **kw)
     assert q["acc/arc_easy"] != fp["acc/arc_easy"] and q["acc/arc_easy"] < fp["acc/arc_easy"]
+
+
+N_DOCS = 8
+
+
+def _loglikelihoods(model, tokenizer, data_root, cache_dir, batch_size) -> torch.Tensor:
+    """Per document of the first N_DOCS piqa items, its choices' log-likelihoods [N_DOCS, 2]."""
+    from pipelines.zeroshot import run_tasks
+    res = run_tasks(model, tokenizer, ["piqa"], data_root, cache_dir, batch_size=batch_size,
+                    limit=N_DOCS, log_samples=True)
+    docs = sorted(res["samples"]["piqa"], key=lambda d: d["doc_id"])
+    return torch.tensor([[float(r[0][0]) for r in d["resps"]] for d in docs], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k_axis", ["token", "channel",
+                                    # causal like token (test_omniquant checks that it is): slow
+                                    pytest.param("channel_static", marks=pytest.mark.slow)])
+def test_w4a4_log_likelihoods_do_not_depend_on_the_batch_size(k_axis, data_root, tmp_path, capsys,
+                                                              monkeypatch):
+    """lm-eval right-pads a batch and passes no attention mask: with causal quantizers the pads
+    cannot reach a real position; SpikeLLM's per-channel K is scored one request at a time.
+
+    The model runs in float64 (its quantizers then compute in float64): in float32 the matmuls
+    of a padded batch round differently from the unpadded ones (~1 ulp), and a W4A4 quantizer
+    can turn such a difference into a different code; this test is about the pads, not that."""
+    import pipelines.zeroshot as zs
+    from spikellm.data import CalibSpec, calibration_set
+    from spikellm.models import load_model, resolve_source
+    from spikellm.omniquant import omniquant
+    lm = load_model(resolve_source("embedded", None))
+    calib = calibration_set(lm.tokenizer, CalibSpec("wikitext2", "validation", 2, 32, 2), data_root)
+    q = QuantConfig(method="omniquant", wbits=4, abits=4, epochs=0, k_axis=k_axis)
+    omniquant(lm.model, calib, q, SpikingConfig(mode="gif", ratio=0.1, addbit=1, steps=2), progress=False)
+    lm.model.double()
+    one = _loglikelihoods(lm.model, lm.tokenizer, data_root, tmp_path, 1)
+    capsys.readouterr()
+    eight = _loglikelihoods(lm.model, lm.tokenizer, data_root, tmp_path, 8)
+    note = capsys.readouterr().err
+    assert one.shape == (N_DOCS, 2) and torch.isfinite(one).all()
+    torch.testing.assert_close(eight, one, atol=1e-6, rtol=0)
+    assert ("one request at a time" in note) == (k_axis == "channel")
+    if k_axis == "channel":           # without the forced batch 1 the pads do change the scores
+        monkeypatch.setattr(zs, "scoring_batch_size", lambda model, bs, note: bs)
+        padded = _loglikelihoods(lm.model, lm.tokenizer, data_root, tmp_path, 8)
+        assert (padded - one).abs().max() > 1e-2
+
+
+def test_only_per_channel_k_forces_batch_one():
+    from pipelines.zeroshot import has_non_causal_kv, scoring_batch_size
+    from spikellm.omni_attention import KVQuantizer
+    notes = []
+    for axis, expect in (("token", 8), ("channel_static", 8), ("channel", 1)):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), KVQuantizer(4, 2, 8, axis))
+        assert has_non_causal_kv(model) == (axis == "channel")
+        assert scoring_batch_size(model, 8, notes.append) == expect
+    assert len(notes) == 1 and "quant.k_axis=channel" in notes[0] and "\n" not in notes[0]

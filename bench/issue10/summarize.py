@@ -1,0 +1,105 @@
+"""Tables of the fair-comparison runs (issue 10) from a results store's run manifests.
+
+Groups the runs of `<outputs>/runs/*/*/manifest.json` by method (quant, spiking design,
+granularity, recipe), averages each perplexity over calibration seeds (mean ± std, n) and prints
+one markdown row per method with equal steps, storage bits per weight, ACE (relative to FP16)
+and the additive share beside the perplexities. Every number comes from the manifests.
+
+    python bench/issue10/summarize.py outputs/issue10 [--family gptq|omniquant]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def method_label(cfg: dict) -> tuple:
+    """A sortable key and a readable name of the method a run used (seed excluded)."""
+    q, s = cfg["quant"], cfg["spiking"]
+    g = q["group_size"]
+    gran = "per-row" if not g else f"g{g}"
+    if q["method"] == "omniquant":
+        recipe = f"let_lr {q['let_lr']:g}, α {q['alpha']:g}{', aug_loss' if q.get('aug_loss') else ''}"
+        base = f"W{q['wbits']}A{q['abits']}"
+        if s["mode"] == "none":
+            name = ("RTN " if not (q["lwc"] or q["let"]) or q["epochs"] == 0 and not q["let"] else
+                    "OmniQuant ") + base
+        else:
+            name = f"SpikeLLM {base} {'t2' if s['addbit'] == 1 else 't4'}" + \
+                   (" random" if s["select"] == "random" else "")
+        return ("omniquant", q["k_axis"], name, recipe), f"{name} (K {q['k_axis']}; {recipe})"
+    if q["method"] == "pbllm":
+        name = f"PB-LLM {q['salient_frac']:.0%} at {q['high_bits']} bits"
+    elif s["mode"] == "ternary":
+        name = (f"SpikeLLM ternary {s['ratio']:.0%} x {s['steps']}, {s['granularity']} "
+                f"{s['select']}")
+    else:
+        name = f"{q['method'].upper()} W{q['wbits']}"
+    return ("gptq", gran, name), f"{name}, {gran}"
+
+
+def load(store: Path) -> list[dict]:
+    runs = []
+    for f in sorted(store.glob("runs/*/*/manifest.json")):
+        m = json.loads(f.read_text())
+        runs.append({"cfg": m["config"], "metrics": m["metrics"], "path": str(f)})
+    return runs
+
+
+def fmt(xs: list[float]) -> str:
+    if not xs:
+        return ""
+    m = statistics.mean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    f = (lambda v: f"{v:.3g}") if m >= 1e4 else (lambda v: f"{v:.1f}")
+    return f"{f(m)} ± {f(sd)} (n={len(xs)})"
+
+
+def summarize(runs: list[dict], family: str | None = None) -> str:
+    by: dict[tuple, dict] = defaultdict(lambda: {"ppl": defaultdict(dict), "cost": {}, "name": ""})
+    fp: dict[str, set] = defaultdict(set)
+    for r in runs:
+        key, name = method_label(r["cfg"])
+        if family and key[0] != family:
+            continue
+        e = by[key]
+        e["name"] = name
+        seed = r["cfg"]["calib"]["seed"]
+        for k, v in r["metrics"].items():
+            if k.startswith("ppl/fp/"):
+                fp[k.replace("ppl/fp/", "")].add(round(v, 3))
+            elif k.startswith("ppl/"):
+                e["ppl"][k.replace("ppl/", "")][seed] = v
+            elif k.startswith("cost/") and k not in e["cost"]:
+                e["cost"][k] = v
+    cols = sorted({c for e in by.values() for c in e["ppl"]}, key=lambda c: (not c.startswith("dev"), c))
+    head = ["method", "equal steps", "storage bits/weight", "ACE vs FP16", "additive share"] + \
+        [f"ppl {c}" for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(by):
+        e = by[key]
+        c = e["cost"]
+        row = [e["name"], f"{c.get('cost/avg_steps', float('nan')):.2f}",
+               f"{c.get('cost/storage_bits', float('nan')):.2f}",
+               f"{c.get('cost/ace_rel_fp16', float('nan')):.4f}",
+               f"{c.get('cost/additive_fraction', 0.0):.1%}"]
+        row += [fmt([v for _, v in sorted(e["ppl"][col].items())]) for col in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("FP: " + ", ".join(f"{k} {sorted(v)}" for k, v in sorted(fp.items())))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("store", type=Path, help="paths.outputs of the runs")
+    ap.add_argument("--family", choices=["gptq", "omniquant"])
+    a = ap.parse_args()
+    print(summarize(load(a.store), a.family))
+
+
+if __name__ == "__main__":
+    main()
