@@ -137,7 +137,7 @@ def test_quantize_verb_on_real_model_reports_cost(fresh_smollm, data_root):
     # ACE: one 1-bit spike x 16-bit activation per step and MAC, plus the two threshold
     # multiplies (16 x 16) per output row
     expect = sum(c.c_out * (c.c_in * c.avg_steps * 16 + 2 * 256) for c in rep.costs)
-    assert abs(rep.cost["ace"] - expect) / expect < 1e-9
+    assert abs(rep.cost["ace"] - expect) / expect < 1e-6        # float32 sums per layer
     assert all(c.scale_mults == 2 for c in rep.costs)
     assert abs(rep.cost["ace_rel_baseline"] - rep.cost["avg_steps"]) < 0.03
     # storage: 80% ternary codes (log2 3) + 20% 3-step codes (log2 7) + masks + FP16 thresholds
