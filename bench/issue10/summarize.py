@@ -38,7 +38,8 @@ def method_label(cfg: dict) -> tuple:
                 f"{s['select']}")
     else:
         name = f"{q['method'].upper()} W{q['wbits']}"
-    return ("gptq", gran, name), f"{name}, {gran}"
+    rank = {"rtn": 0, "gptq": 1, "pbllm": 2}.get(q["method"], 3) + (3 if s["mode"] == "ternary" else 0)
+    return ("gptq", g, rank, name), f"{name}, {gran}"
 
 
 def load(store: Path) -> list[dict]:
@@ -53,9 +54,10 @@ def fmt(xs: list[float]) -> str:
     if not xs:
         return ""
     m = statistics.mean(xs)
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     f = (lambda v: f"{v:.3g}") if m >= 1e4 else (lambda v: f"{v:.1f}")
-    return f"{f(m)} ± {f(sd)} (n={len(xs)})"
+    if len(xs) == 1:
+        return f"{f(m)} (n=1)"
+    return f"{f(m)} ± {f(statistics.stdev(xs))} (n={len(xs)})"
 
 
 def summarize(runs: list[dict], family: str | None = None) -> str:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 10 (fair comparisons), OmniQuant pipeline W4A4 on SmolLM2-135M, reduced CPU recipe
+# (8 x 256 WikiText-2 validation calibration windows, dev tail held out; 2 epochs; batch 1),
+# evaluated on the dev split (16 x 512) and WikiText-2 test (first 16 x 512).
+# Both recipes for both methods (the baseline is tuned at least as hard as the method):
+#   S = SpikeLLM's (arun.sh): let_lr 1e-3, alpha 0.75, no aug_loss
+#   O = OmniQuant's own LLaMA-1 W4A4 (scripts/llama/llama-7b/w4a4.sh): let_lr 5e-3, alpha 0.5, aug_loss
+#   SEEDS="1 2 3" SPIKELLM_DATA_DIR=../shared/data bash bench/issue10/omni_w4a4.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-outputs/issue10_omni}
+PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+: "${SPIKELLM_DATA_DIR:?set SPIKELLM_DATA_DIR}"
+common="launcher=local logger=none progress=false paths.outputs=$OUT quant=omniquant quant.wbits=4 quant.abits=4 quant.epochs=2 calib.nsamples=8 calib.seqlen=256"
+S="quant.let_lr=0.001 quant.alpha=0.75 quant.aug_loss=false"
+O="quant.let_lr=0.005 quant.alpha=0.5 quant.aug_loss=true"
+DEV="eval.split=dev eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
+TEST="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
+sweep() { $PY -m pipelines.run -m $common "$@"; }
+for s in $SEEDS; do
+  for ev in "$DEV" "$TEST"; do
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=none,t2 $S
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=none,t2 $O
+  done
+  for ev in "$DEV" "$TEST"; do
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=t4 $S
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=t2 spiking.select=random $S
+  done
+  for ev in "$DEV" "$TEST"; do
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=channel_static,channel spiking=none,t2 $S
+  done
+done
