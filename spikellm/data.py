@@ -283,6 +283,11 @@ def dev_source(dataset: str, calib: CalibSpec | None = None, data_dir=None) -> s
     return split
 
 
+def _c4_windows(max_windows: int | None) -> int:
+    """GPTQ's 256 C4 evaluation windows, or fewer for a quick run."""
+    return min(256, max_windows) if max_windows else 256
+
+
 def evaluation_set(tokenizer, dataset: str, seqlen: int, max_windows: int | None = None,
                    split: str | None = None, data_dir=None, calib: CalibSpec | None = None
                    ) -> torch.Tensor:
@@ -301,13 +306,13 @@ def evaluation_set(tokenizer, dataset: str, seqlen: int, max_windows: int | None
         src = dev_source(dataset, calib, data_dir)
         if dataset == "c4":
             docs = load_rows("c4", src, data_dir)
-            n = min(256, max_windows) if max_windows else 256
-            return c4_eval_windows(tokenizer, docs[dev_cut(len(docs), frac):], seqlen, n)
+            return c4_eval_windows(tokenizer, docs[dev_cut(len(docs), frac):], seqlen,
+                                   _c4_windows(max_windows))
         ids = tokenize(tokenizer, joined_text(dataset, src, data_dir))
         return eval_windows(ids[:, dev_cut(ids.shape[1], frac):], seqlen, max_windows)
     split = None if split == "test" else split
     if dataset == "c4":
-        n = min(256, max_windows) if max_windows else 256
-        return c4_eval_windows(tokenizer, load_rows("c4", split or "validation", data_dir), seqlen, n)
+        return c4_eval_windows(tokenizer, load_rows("c4", split or "validation", data_dir), seqlen,
+                               _c4_windows(max_windows))
     ids = tokenize(tokenizer, joined_text(dataset, split or EVAL_SPLIT[dataset], data_dir))
     return eval_windows(ids, seqlen, max_windows)

@@ -181,8 +181,7 @@ class TernaryGIFQuantizer(ColumnQuantizer):
         return 2 if self.salient_scale == "own" and bool((self.steps > 1).any()) else 1
 
     def storage(self, c_out, c_in):
-        steps = self.steps.expand(c_out, c_in) if self.steps.dim() == 2 else \
-            self.steps.unsqueeze(0).expand(c_out, -1)
+        steps = self.steps.expand(c_out, c_in)          # [C_out, C_in] after prepare
         code_bits = float(torch.log2(2.0 * steps.double() + 1).sum())   # a T-step code: 2T+1 levels
         salient = steps > 1
         masks = mask_bits(c_in, int(salient[0].sum())) if self.per_column else \
