@@ -19,16 +19,20 @@ O="quant.let_lr=0.005 quant.alpha=0.5 quant.aug_loss=true"
 DEV="eval.split=dev eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
 TEST="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
 sweep() { $PY -m pipelines.run -m $common "$@"; }
+# Order: the causal (token) rows for every seed first, then the per-channel K rows.
 for s in $SEEDS; do
   for ev in "$DEV" "$TEST"; do
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=none,t2 $S
-    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=none,t2 $O
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=none $O
   done
   for ev in "$DEV" "$TEST"; do
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=t4 $S
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=t2 spiking.select=random $S
   done
+done
+for s in $SEEDS; do
   for ev in "$DEV" "$TEST"; do
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=t2 $O
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=channel_static,channel spiking=none,t2 $S
   done
 done
