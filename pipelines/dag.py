@@ -1,7 +1,9 @@
 """Plan a sweep as a DAG of content-keyed stage instances.
 
-A stage instance's key hashes exactly the config keys that change its output, the keys of its
-upstream instances and the stage's code version, so points of a sweep that agree on those
+A stage instance's key hashes the config keys that change its output, the content of the data
+files and checkpoint it reads, the digest of the code that computes it, the torch/transformers
+versions and device type, and the keys of its upstream instances (whose content is checked when
+the artifact is used, `pipelines.execute`), so points of a sweep that agree on those
 share the instance (a sweep over allocation ratios calibrates once). `plan()` returns the
 distinct instances in dependency order.
 """
@@ -11,16 +13,25 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from spikellm.data import is_text_file, text_file_digest
+from spikellm.config import QuantConfig, SpikingConfig
+from spikellm.data import resolve_data_dir, source_file
 
+from .fingerprint import code_digest, file_digest, library_versions, model_identity
 from .store import content_key
+from .zeroshot import TASK_FILES
 
-#: bump a stage's version when its code changes what it writes: old artifacts stop matching
+#: a stage's own version, for changes of meaning the code digest cannot see (e.g. a file format)
 STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 2, "evaluate": 2, "evaluate_fp": 2}
 
 
 def _model_id(cfg) -> dict:
-    return {"name": cfg.model.name, "path": cfg.model.path, "hub_id": cfg.model.hub_id}
+    """The checkpoint's identity (content of a local one, hub id + revision) and every model key
+    that changes what is computed; `model.resources` (scheduling only) is left out."""
+    m = _sel(cfg, "model")["model"]
+    m.pop("resources", None)
+    if cfg.dry_run:                 # the dry run plans without reading (or hashing) a checkpoint
+        return m
+    return {**m, "identity": model_identity(cfg)}
 
 
 def _sel(cfg, *paths: str) -> dict:
@@ -29,19 +40,48 @@ def _sel(cfg, *paths: str) -> dict:
             for p in paths}
 
 
+def _device(cfg) -> str:
+    """The device type a stage computes on (cpu or cuda): floats differ between them."""
+    d = cfg.device
+    if d == "auto":
+        import torch
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return d.split(":")[0]
+
+
+def _file(path, cfg) -> dict:
+    if path is None:
+        return {"source": "hf-hub"}
+    return {"path": str(path)} if cfg.dry_run else {"sha256": file_digest(path)}
+
+
+def _calib_data(cfg) -> dict:
+    """Content of the file calibration windows are drawn from (not its path)."""
+    return {"calib.file": _file(source_file(cfg.calib.dataset, cfg.calib.split, cfg.paths.data_dir), cfg)}
+
+
 def _eval_keys(cfg) -> dict:
-    keys = _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows", "eval.split")
-    files = [d for d in cfg.eval.datasets if is_text_file(d)]
-    if files:                    # a text file's content, not its name, is what is evaluated
-        keys["eval.files"] = {d: text_file_digest(d) for d in files}
+    keys = _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows", "eval.split",
+                "eval.batch_size")
+    calib = OmegaConf.to_object(cfg.calib)
+    # what is evaluated is each file's content, not its name or the data directory's path
+    keys["eval.files"] = {d: _file(source_file(d, cfg.eval.split, cfg.paths.data_dir, calib), cfg)
+                          for d in cfg.eval.datasets}
     if cfg.eval.split == "dev":  # dev windows are the held-out tail of the calibration source
         keys.update(_sel(cfg, "calib.dataset", "calib.split", "calib.dev_fraction"))
-    if OmegaConf.select(cfg, "eval.tasks"):          # absent/empty: keys of perplexity-only runs unchanged
-        keys.update(_sel(cfg, "eval.tasks", "eval.limit"))
+    if OmegaConf.select(cfg, "eval.tasks"):
+        keys.update(_sel(cfg, "eval.tasks", "eval.limit", "eval.task_batch_size"))
+        root = resolve_data_dir(cfg.paths.data_dir)
+        keys["eval.task_files"] = {
+            t: {f: _file(root / f, cfg) for f in TASK_FILES.get(t, ()) if (root / f).exists()}
+            if root is not None else {"source": "hf-hub"} for t in cfg.eval.tasks}
+        keys["versions"] = library_versions(zero_shot=True)
     return keys
 
 
-#: keys that only one family of methods reads (the others' output does not depend on them)
+#: keys that only one family of methods reads. These only save recomputation: a quantize stage
+#: builds its typed configs from the key's own inputs (`method_configs`), so a key dropped here
+#: can never make a stage compute from a value its key does not hold.
 _OMNI_ONLY = ("abits", "epochs", "lwc", "let", "k_axis", "let_lr", "lwc_lr", "wd", "alpha",
               "aug_loss", "train_batch", "nan_policy", "amp", "seed")
 _GPTQ_ONLY = ("mse", "actorder", "blocksize", "true_sequential", "salient_frac", "high_bits")
@@ -67,15 +107,29 @@ def _method_keys(cfg) -> dict:
     return {"quant": quant, "spiking": spiking}
 
 
+def method_configs(cfg) -> tuple[QuantConfig, SpikingConfig]:
+    """The typed quant/spiking configs a stage computes with, built from exactly the values its
+    key hashes (`_method_keys`); a key left out of the hash is at its default, never the user's."""
+    m = _method_keys(cfg)
+    return QuantConfig(**m["quant"]), SpikingConfig(**m["spiking"])
+
+
+def _runtime(cfg) -> dict:
+    """Every stage: the code that computes it and the libraries whose kernels it runs on."""
+    return {"code": code_digest(), "versions": library_versions(), "device": _device(cfg)}
+
+
 #: per stage: the config that changes its output (besides its upstream keys)
 STAGE_INPUTS = {
-    "calibrate": lambda c: {"model": _model_id(c), **_sel(c, "calib", "paths.data_dir")},
-    "score": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "quant.percdamp")},
-    "act_stats": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype")},
-    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype"), **_method_keys(c)},
-    "evaluate": lambda c: {**_eval_keys(c), **_sel(c, "paths.data_dir")},
-    "evaluate_fp": lambda c: {"model": _model_id(c), **_sel(c, "model.dtype", "paths.data_dir"),
-                              **_eval_keys(c)},
+    "calibrate": lambda c: {"model": _model_id(c), **_sel(c, "calib"), **_calib_data(c),
+                            **_runtime(c)},
+    "score": lambda c: {"model": _model_id(c), **_sel(c, "quant.percdamp", "batch_size"),
+                        **_runtime(c)},
+    "act_stats": lambda c: {"model": _model_id(c), **_sel(c, "batch_size"), **_runtime(c)},
+    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "batch_size", "save_model"),
+                           **_method_keys(c), **_runtime(c)},
+    "evaluate": lambda c: {**_eval_keys(c), **_runtime(c)},
+    "evaluate_fp": lambda c: {"model": _model_id(c), **_eval_keys(c), **_runtime(c)},
 }
 
 

@@ -135,6 +135,21 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
     return StagePlan(stage, gpu / GiB if on_gpu else 0.0, host / GiB, disk / GiB, t, {}, note)
 
 
+def stage_disk_gb(node) -> float:
+    """The dry run's disk estimate (GB) of one stage instance: its artifact and checkpoints."""
+    from .launch import stage_resources
+    cfg = node.cfg
+    res = stage_resources(node)
+    want = cfg.device if cfg.device != "auto" else ("cuda" if res["gpus"] else "cpu")
+    ident = (cfg.model.name, cfg.model.path, cfg.model.hub_id)
+    if ident not in _FOOTPRINTS:
+        _FOOTPRINTS[ident] = footprint(meta_model(model_config(cfg)))
+    return _stage_plan(node.stage, cfg, _FOOTPRINTS[ident], want.startswith("cuda")).disk_gb
+
+
+_FOOTPRINTS: dict[tuple, Footprint] = {}
+
+
 def plan_sweep(cfgs: list, fps: dict[str, Footprint] | None = None
                ) -> tuple[list[tuple[str, StagePlan]], list[str]]:
     """-> ([(point name, stage plan)], [errors]) for the distinct stage instances of a sweep.

@@ -77,23 +77,100 @@ def _config_dict(cfg) -> dict:
     return d
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stage was stopped by SIGINT/SIGTERM; its state is `interrupted`, its block checkpoints
+    are kept, and the same command resumes it."""
+
+    def __init__(self, node_id: str, signal_name: str):
+        super().__init__(signal_name)
+        self.node_id, self.signal_name = node_id, signal_name
+
+
+def checkpoint_root(store: ArtifactStore, node) -> Path:
+    return store.root / node.stage / f".ckpt-{node.key}"
+
+
+def claim_checkpoint(store: ArtifactStore, node) -> Path:
+    """This process's block-checkpoint directory for `node` (`.ckpt-<key>/<host>-<pid>/`),
+    called under the node's lock. A previous owner's directory (a killed or preempted run) is
+    adopted, the one with the most committed blocks; the others are removed, so two owners'
+    blocks are never mixed. Its `tag.json` (the stage key) is what every block records."""
+    from spikellm.blockwise import CHECKPOINT_TAG
+    base = checkpoint_root(store, node)
+    mine = base / f"{socket.gethostname()}-{os.getpid()}"
+    base.mkdir(parents=True, exist_ok=True)
+    others = [d for d in base.iterdir() if d.is_dir() and d != mine]
+    best = max(others, key=lambda d: len(list(d.glob("block-*.json"))), default=None)
+    if best is not None and not mine.exists() and any(best.glob("block-*.json")):
+        os.replace(best, mine)
+        say(f"resuming {node.id} from the blocks {best.name} committed")
+    for d in others:
+        if d != best or d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+    mine.mkdir(exist_ok=True)
+    (mine / CHECKPOINT_TAG).write_text(json.dumps({"key": node.key, "stage": node.stage}))
+    return mine
+
+
+def upstream_digests(deps: dict[str, Artifact]) -> dict[str, str]:
+    """{role: content digest} of a node's upstream artifacts: recorded in the artifact built
+    from them, compared on every later lookup (an upstream rebuilt since makes it stale)."""
+    return {role: a.digest for role, a in deps.items()}
+
+
+def lookup(node, store: ArtifactStore, done: dict[str, Artifact | None]) -> Artifact | None:
+    """The node's cached artifact if every upstream is resolved in `done` and it was built from
+    exactly their content; else None (a stale artifact is moved aside with one line)."""
+    deps = {role: done.get(i) for role, i in node.deps.items()}
+    if any(a is None for a in deps.values()):
+        return None
+    return store.get(node.stage, node.key, upstream_digests(deps))
+
+
+def resolve_cached(plan: Plan, store: ArtifactStore) -> dict[str, Artifact | None]:
+    """node id -> its valid cached artifact (or None), in dependency order."""
+    done: dict[str, Artifact | None] = {}
+    for node in plan.nodes.values():
+        done[node.id] = lookup(node, store, done)
+    return done
+
+
+class DiskSpaceError(OSError):
+    """Less free space where the store is than the dry run estimates a stage writes."""
+
+
+def check_disk(node, root: Path) -> None:
+    """Fail before a stage starts when the dry run's disk estimate exceeds the free space."""
+    from .dryrun import stage_disk_gb
+    try:
+        need = stage_disk_gb(node)
+    except Exception:            # no estimate for this model (no config to plan from): no check
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free / 2 ** 30
+    if need > free:
+        raise DiskSpaceError(f"{node.id} needs about {need:.1f} GB in {root} (dry-run estimate) "
+                             f"but {free:.1f} GB are free: free space, or set paths.outputs to a "
+                             f"larger filesystem")
+
+
 def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tracker,
              sweep_dir: Path, name: str) -> Artifact:
     """Build one stage instance (under the store's lock), log it as one W&B run and record its
     state. Raises the stage's exception after recording it as failed."""
     set_state(sweep_dir, node, "running", started=_now(), pid=os.getpid(),
-              host=socket.gethostname())
+              host=socket.gethostname(), slurm_job=os.environ.get("SLURM_JOB_ID"))
     record = {"config": node.inputs, "upstream": {r: a.key for r, a in deps.items()},
               "code_version": STAGE_VERSIONS[node.stage], "versions": versions()}
     try:
+        check_disk(node, store.root)
         with tracker.stage_run(node.stage, f"{name}:{node.stage}",
                                {**_config_dict(node.cfg), "stage_key": node.key}) as run:
-            ckpt = store.root / node.stage / f".ckpt-{node.key}"
             art, _ = store.build(node.stage, node.key,
-                                 lambda out: STAGE_FUNCTIONS[node.stage](node.cfg, deps, out,
-                                                                         checkpoint=ckpt),
-                                 record)
-            shutil.rmtree(ckpt, ignore_errors=True)      # committed: block checkpoints done
+                                 lambda out: STAGE_FUNCTIONS[node.stage](
+                                     node.cfg, deps, out, checkpoint=claim_checkpoint(store, node)),
+                                 record, upstream_digests(deps))
+            shutil.rmtree(checkpoint_root(store, node), ignore_errors=True)   # committed: done
             run.log(art.metrics)
             stats = art.path / "module_stats.json"
             if stats.exists():
@@ -102,6 +179,10 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
                 run.table("perplexity", [{"metric": k, "value": v}
                                          for k, v in art.metrics.items() if k.startswith("ppl/")])
                 run.table("zero_shot", zero_shot_rows(art.metrics))
+    except KeyboardInterrupt as e:          # SIGINT, or SIGTERM turned into one (pipelines.run)
+        why = str(e) or "SIGINT"
+        set_state(sweep_dir, node, "interrupted", ended=_now(), reason=f"stopped by {why}")
+        raise Interrupted(node.id, why) from None
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         reason = f"{type(e).__name__}: {msg}"
@@ -126,7 +207,7 @@ def execute_local(plan: Plan, store: ArtifactStore, tracker: Tracker, sweep_dir:
             set_state(sweep_dir, node, "cancelled", reason=f"upstream {bad[0]} did not finish")
             done[node.id] = None
             continue
-        hit = store.get(node.stage, node.key)
+        hit = lookup(node, store, done)
         if hit is not None:
             set_state(sweep_dir, node, "cached", path=str(hit.path))
             done[node.id] = hit

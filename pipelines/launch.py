@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from .artifacts import ArtifactStore
 from .config import retype
 from .dag import Plan
-from .execute import run_node, set_state
-from .schema import eval_gpus
+from .execute import resolve_cached, run_node, set_state
+from .schema import eval_gpus, open_store
 from .stages import say
 from .tracking import Tracker
 
@@ -80,7 +80,7 @@ def run_node_job(sweep_dir: str, node_id: str) -> str:
     for i, d in blob["nodes"].items():
         nodes[i] = Node(d["stage"], d["key"], d["inputs"], d["deps"], retype(d["cfg"]), d["points"])
     node = nodes[node_id]
-    store = ArtifactStore(Path(node.cfg.paths.outputs) / "cache")
+    store = open_store(node.cfg)
     deps = {}
     for role, dep_id in node.deps.items():
         art = store.get(nodes[dep_id].stage, nodes[dep_id].key)
@@ -109,8 +109,9 @@ def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, names: list[str],
 
     save_plan(plan, sweep_dir, names, group)
     pending = OrderedDict()
+    cached = resolve_cached(plan, store)
     for node in plan.nodes.values():
-        hit = store.get(node.stage, node.key)
+        hit = cached[node.id]
         if hit is not None:
             set_state(sweep_dir, node, "cached", path=str(hit.path))
         else:

@@ -18,7 +18,7 @@ from spikellm.data import DataError
 
 from . import stages
 from .config import ConfigError, compose_config, expand_points, expand_sweep, recipe_sweep, run_name
-from .schema import preflight
+from .schema import PreflightError, open_store, preflight
 from .store import write_json
 
 METRIC_ORDER = ("ppl/fp/", "ppl/", "acc/fp/", "acc/", "acc_norm/", "cost/avg_steps", "cost/ace", "cost/", "time/", "mem/")
@@ -37,9 +37,8 @@ def _state_counts(sweep_dir: Path) -> dict[str, dict[str, int]]:
 def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
     """Plan all points as one DAG, run each distinct stage once, write one manifest per point.
     Returns (manifest paths, all succeeded)."""
-    from .artifacts import ArtifactStore
     from .dag import plan as make_plan
-    from .execute import execute_local, write_plan
+    from .execute import execute_local, resolve_cached, write_plan
     from .launch import resolve_launcher, submit, wait_slurm
     from .tracking import Tracker
 
@@ -57,7 +56,7 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
     stages.say(f"plan: {len(cfgs)} point(s), " + ", ".join(f"{k} {v}" for k, v in counts.items())
                + f"; sweep record {sweep_dir}")
     t0 = time.time()
-    store = ArtifactStore(outputs / "cache")
+    store = open_store(first)
     kind = resolve_launcher(first.launcher.kind)
     if kind == "local":
         done = execute_local(the_plan, store, tracker, sweep_dir, names)
@@ -69,7 +68,7 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
             return [], True
         if kind == "slurm":
             wait_slurm(jobs, the_plan, sweep_dir)
-        done = {i: store.get(n.stage, n.key) for i, n in the_plan.nodes.items()}
+        done = resolve_cached(the_plan, store)
     manifests, ok = [], True
     for p, (cfg, ids) in enumerate(zip(cfgs, the_plan.points)):
         arts = {stage: done[i] for stage, i in ids.items()}
@@ -205,6 +204,19 @@ def print_sweep(rows: list[tuple[list[str], dict]]) -> None:
         print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (scancel, a time limit, kill) stops a stage like Ctrl-C does: one line, state
+    `interrupted`, block checkpoints kept."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:            # not the main thread (e.g. called from a test harness)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
@@ -228,18 +240,26 @@ def main(argv: list[str] | None = None) -> int:
         if not show_cfg:
             for c in cfgs:
                 preflight(c)
-    except (ConfigError, FileNotFoundError, DataError) as e:
+    except (ConfigError, FileNotFoundError, DataError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if show_cfg:
         for c in cfgs:
             print(OmegaConf.to_yaml(c))
         return 0
+    _sigterm_as_interrupt()
     try:
         manifests, ok = run_sweep(cfgs, points)
     except (FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        from .execute import Interrupted
+        sig = str(e) or "SIGINT"
+        where = f"in {e.node_id} " if isinstance(e, Interrupted) else ""
+        print(f"interrupted by {sig} {where}(marked interrupted; finished stages and committed "
+              f"blocks are kept): run the same command again to resume", file=sys.stderr)
+        return 143 if sig == "SIGTERM" else 130
     if multirun and len(manifests) > 1:
         print_sweep([(json.loads(m.read_text())["overrides"], json.loads(m.read_text())["metrics"])
                      for m in manifests])

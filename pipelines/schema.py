@@ -119,6 +119,25 @@ class LauncherCfg:
 
 
 @dataclass
+class StoreCfg:
+    """The results store's cross-host lock (pipelines.locks)."""
+    #: give up waiting for another process's lock on a stage key after this long (null: never)
+    lock_timeout_s: Optional[float] = 86400.0
+    #: a lock whose owner is on another host, with no SLURM answer about its job, is taken over
+    #: when its heartbeat is older than this
+    lock_stale_s: float = 600.0
+
+
+def open_store(cfg):
+    """The artifact store of `cfg` (paths.outputs/cache) with its lock settings."""
+    from pathlib import Path
+
+    from .artifacts import ArtifactStore
+    return ArtifactStore(Path(cfg.paths.outputs) / "cache", cfg.store.lock_timeout_s,
+                         cfg.store.lock_stale_s)
+
+
+@dataclass
 class RunCfg:
     model: ModelCfg = field(default_factory=ModelCfg)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -126,6 +145,7 @@ class RunCfg:
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
+    store: StoreCfg = field(default_factory=StoreCfg)
     energy: EnergyCfg = field(default_factory=EnergyCfg)
     plan: PlanCfg = field(default_factory=PlanCfg)
     dry_run: bool = False
@@ -163,6 +183,9 @@ def validate(cfg: Any) -> None:
         (all(t in ZS_TASKS for t in c.eval.tasks), "eval.tasks", f"a list drawn from {', '.join(ZS_TASKS)}", list(c.eval.tasks)),
         (c.eval.limit is None or c.eval.limit > 0, "eval.limit", "null, a count >= 1 or a fraction in (0, 1)", c.eval.limit),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
+        (c.store.lock_timeout_s is None or c.store.lock_timeout_s >= 0, "store.lock_timeout_s",
+         "null (wait forever) or >= 0 seconds", c.store.lock_timeout_s),
+        (c.store.lock_stale_s > 0, "store.lock_stale_s", "> 0 seconds", c.store.lock_stale_s),
         (min(c.energy.fp_mac, c.energy.fp_add, c.energy.int_mul_bitop, c.energy.int_add) >= 0,
          "energy.*", "non-negative pJ per operation", dict(c.energy)),
         (c.logger.backend in ("wandb", "none"), "logger.backend", "wandb or none", c.logger.backend),
@@ -183,11 +206,65 @@ def typed(cfg) -> Any:
     return OmegaConf.merge(base, cfg)
 
 
+class PreflightError(RuntimeError):
+    """A run cannot start as configured (the message is one line that names the fix)."""
+
+
+def check_outputs(outputs: str) -> None:
+    """`paths.outputs` is (or can be made) a writable directory, with writable cache/runs/sweeps."""
+    import os
+    import tempfile
+    from pathlib import Path
+    root = Path(outputs).expanduser()
+    for d in (root, root / "cache", root / "runs", root / "sweeps"):
+        existing = next(a for a in (d, *d.parents) if a.exists())
+        if not existing.is_dir():
+            raise PreflightError(f"paths.outputs: {existing} is a file, not a directory; set "
+                                 f"paths.outputs to a directory (or move the file away)")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=d, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise PreflightError(f"paths.outputs: cannot write to {d} ({e.strerror or e}); set "
+                                 f"paths.outputs to a writable directory") from None
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise PreflightError(f"device={device} but no CUDA GPU is visible here; use device=cpu "
+                                 f"(or device=auto, which picks a GPU when there is one)")
+        idx = device.split(":", 1)[1] if ":" in device else "0"
+        if int(idx) >= torch.cuda.device_count():
+            raise PreflightError(f"device={device} but only {torch.cuda.device_count()} GPU(s) are "
+                                 f"visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_context(cfg: Any) -> None:
+    """Windows no longer than the model's positions (`max_position_embeddings`)."""
+    from .dryrun import PlanError, model_config
+    try:
+        limit = getattr(model_config(cfg), "max_position_embeddings", None)
+    except (PlanError, OSError, ValueError):
+        return                       # no config to read (a hub id offline): the load says why
+    for key in ("eval.seqlen", "calib.seqlen"):
+        n = OmegaConf.select(cfg, key)
+        if limit and n > limit:
+            raise PreflightError(f"{key}={n} exceeds the model's context of {limit} positions "
+                                 f"(max_position_embeddings): use {key}<={limit}")
+
+
 def preflight(cfg: Any) -> None:
-    """Checks that need the file system, before any work: the model checkpoint and every data
-    file the run will read. Raises FileNotFoundError / DataError with one line."""
+    """Checks that need the file system, before any work: the output directory, the device, the
+    model checkpoint and its context length, and every data file the run will read. Raises
+    PreflightError / FileNotFoundError / DataError with one line."""
     from spikellm.data import EVAL_SPLIT, check_available, dev_source
     from spikellm.models import resolve_source
+    check_outputs(cfg.paths.outputs)
+    check_device(cfg.device)
     if cfg.model.path not in (None, "embedded"):
         resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
     elif cfg.model.path is None and not cfg.model.hub_id:
@@ -199,3 +276,4 @@ def preflight(cfg: Any) -> None:
                             cfg.paths.data_dir)
         else:
             check_available(d, EVAL_SPLIT.get(d, "test"), cfg.paths.data_dir)
+    check_context(cfg)

@@ -26,6 +26,7 @@ from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
 from spikellm.quantize import fp_saliency_diagonals, quantize
 
 from .artifacts import Artifact
+from .dag import method_configs
 from .schema import eval_gpus
 
 
@@ -137,8 +138,8 @@ def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, check
     calib = _calib_ids(deps)
     say(f"quantizing {cfg.model.name}{origin}: quant={cfg.quant.method} (wbits={cfg.quant.wbits}) "
         f"spiking={cfg.spiking.mode} on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
-    report = quantize(model, calib, OmegaConf.to_object(cfg.quant),
-                      OmegaConf.to_object(cfg.spiking), batch_size=cfg.batch_size, device=device,
+    q, s = method_configs(cfg)
+    report = quantize(model, calib, q, s, batch_size=cfg.batch_size, device=device,
                       progress=cfg.progress, log=say, saliency_diags=diags,
                       checkpoint_dir=checkpoint, stream=stream)
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
@@ -204,7 +205,7 @@ def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path
     lm = load(cfg)
     device = resolve_device(cfg.device)
     calib = _calib_ids(deps)
-    q, s = OmegaConf.to_object(cfg.quant), OmegaConf.to_object(cfg.spiking)
+    q, s = method_configs(cfg)
     say(f"omniquant {cfg.model.name}: W{q.wbits}A{q.abits} spiking={s.mode}"
         + (f" (ratio {s.ratio}, addbit {s.addbit}, {s.select})" if s.mode == "gif" else "")
         + f", {q.epochs} epoch(s) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
@@ -314,7 +315,7 @@ def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     lm = load(cfg, whole_model=True)
     if cfg.quant.method == "omniquant":   # runtime activation/KV quantizers whose masks load below
         from spikellm.omniquant import wrap_for_inference
-        wrap_for_inference(lm.model, OmegaConf.to_object(cfg.quant), OmegaConf.to_object(cfg.spiking))
+        wrap_for_inference(lm.model, *method_configs(cfg))
     weights = load_file(str(q.file("weights.safetensors")))
     missing = lm.model.load_state_dict(
         {k: v if v.dtype == torch.bool else v.to(lm.model.dtype) for k, v in weights.items()},

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
+from .locks import owner_alive
+
 
 def _alive(st: dict) -> bool:
-    """A running stage's process still exists (only checkable on the same host)."""
-    if st.get("host") != socket.gethostname() or not st.get("pid"):
-        return True
-    try:
-        os.kill(int(st["pid"]), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """A running stage's process still exists: its pid on this host, its SLURM job's state on
+    another (`pipelines.locks.owner_alive`); unknowable cases count as alive."""
+    return owner_alive({"host": st.get("host"), "pid": st.get("pid"), "slurm_job": st.get("slurm_job")})
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -29,7 +22,8 @@ def collect(sweep_dir: Path) -> list[dict]:
         f = sweep_dir / "state" / (node_id.replace("/", "__") + ".json")
         st = json.loads(f.read_text()) if f.exists() else {"state": "queued"}
         if st.get("state") == "running" and not _alive(st):
-            st = {**st, "state": "failed", "reason": f"process {st.get('pid')} died while running"}
+            who = f"SLURM job {st['slurm_job']}" if st.get("slurm_job") else f"process {st.get('pid')}"
+            st = {**st, "state": "failed", "reason": f"{who} on {st.get('host')} ended while running"}
         rows.append({"stage": node["stage"], "key": node["key"], "points": node["points"],
                      "state": st.get("state"), "reason": st.get("reason", ""),
                      "updated": st.get("updated", "")})

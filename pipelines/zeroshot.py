@@ -88,6 +88,18 @@ LOCAL: dict[str, tuple[Callable[[Path], list[dict]], str, dict]] = {
 }
 
 
+#: task -> the files under the data directory its local loader reads (their content is hashed
+#: into the evaluate stage's key)
+TASK_FILES = {
+    "piqa": ("piqa/valid.jsonl", "piqa/valid-labels.lst"),
+    "arc_easy": ("arc_easy/ARC-Easy-Test.jsonl",),
+    "arc_challenge": ("arc_challenge/ARC-Challenge-Test.jsonl",),
+    "boolq": ("boolq/val.jsonl",),
+    "winogrande": ("winogrande/dev.jsonl",),
+    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2",),
+}
+
+
 def local_task_specs(tasks: Iterable[str], data_dir: str | Path, cache_dir: str | Path,
                      warn: Callable[[str], None]) -> list[dict]:
     """lm-eval task dicts reading the converted local files; missing tasks are warned and dropped."""

@@ -7,6 +7,8 @@ memory) are collected in `ModuleStats` rows.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import sys
@@ -156,44 +158,130 @@ class InputCollector:
 BlockAlgorithm = Callable[[int, nn.Module, BlockInputs], list[ModuleStats]]
 
 
+#: written by the caller into a checkpoint directory (e.g. {"key": stage key, "code": digest}):
+#: every block file records it, and blocks written under another tag are never resumed from
+CHECKPOINT_TAG = "tag.json"
+
+
+def _ckpt_tag(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / CHECKPOINT_TAG).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _commit(ckpt: Path, i: int, data: dict) -> None:
+    """Write block i's payload and its header (block, SHA-256, tag, whether it holds streams),
+    each fsynced and renamed into place; the header is the commit mark."""
+    tmp, final = ckpt / f".block-{i}.tmp", ckpt / f"block-{i:05d}.pt"
+    with open(tmp, "wb") as f:
+        torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    header = {"block": i, "sha256": _sha256(tmp), "tag": _ckpt_tag(ckpt),
+              "streams": bool(data.get("streams"))}
+    htmp, hfinal = ckpt / f".block-{i}.json.tmp", ckpt / f"block-{i:05d}.json"
+    with open(htmp, "w") as f:
+        json.dump(header, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    os.replace(htmp, hfinal)
+    try:
+        fd = os.open(ckpt, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def save_block_checkpoint(ckpt: Path, i: int, block: nn.Module, streams: dict[str, torch.Tensor],
                           stats: list[ModuleStats], extra: dict | None = None) -> None:
-    """Commit block i (atomic rename): its state (streamed blocks on meta are already on disk and
-    are left out), the activation `streams` the next block starts from (e.g. {"hidden": [N, L, h]}),
-    the stats so far and `extra` (e.g. learned parameters). The previous block's file keeps its
-    state and extra but drops its streams, so the directory holds one set of activations."""
+    """Commit block i: its state (streamed blocks on meta are already on disk and are left out),
+    the activation `streams` the next block starts from (e.g. {"hidden": [N, L, h]}), the stats
+    so far and `extra` (e.g. learned parameters), with a header `block-i.json` (SHA-256 of the
+    payload, the directory's tag). The two newest blocks keep their streams, older ones drop
+    them, so a bad newest block can be recomputed from the one before it."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / f".block-{i}.tmp"
     state = {k: v.detach().cpu() for k, v in block.state_dict().items() if v.device.type != "meta"}
-    torch.save({"block": i, "state": state, "streams": {k: v.cpu() for k, v in streams.items()},
-                "stats": [r.row() for r in stats], "extra": extra or {}}, tmp)
-    os.replace(tmp, ckpt / f"block-{i:05d}.pt")
-    prev = ckpt / f"block-{i - 1:05d}.pt"
-    if prev.exists():
-        data = torch.load(prev, weights_only=True)
-        if data.pop("streams", None) is not None:
-            torch.save(data, tmp)
-            os.replace(tmp, prev)
+    _commit(ckpt, i, {"block": i, "state": state, "streams": {k: v.cpu() for k, v in streams.items()},
+                      "stats": [r.row() for r in stats], "extra": extra or {}})
+    old = ckpt / f"block-{i - 2:05d}.pt"
+    if old.exists():
+        data = torch.load(old, weights_only=True)
+        if data.pop("streams", None):
+            _commit(ckpt, i - 2, {**data, "streams": {}})
+
+
+def _check_block(ckpt: Path, i: int, tag: dict) -> str | None:
+    """Why block i's checkpoint cannot be used, or None if it is intact and ours."""
+    pt, hdr = ckpt / f"block-{i:05d}.pt", ckpt / f"block-{i:05d}.json"
+    try:
+        header = json.loads(hdr.read_text())
+    except FileNotFoundError:
+        return "no header (never committed)"
+    except (OSError, ValueError):
+        return "unreadable header"
+    if header.get("block") != i:
+        return f"header names block {header.get('block')}"
+    if header.get("tag") != tag:
+        return "written under another config or code version"
+    try:
+        if _sha256(pt) != header.get("sha256"):
+            return "checksum mismatch (truncated or overwritten)"
+    except FileNotFoundError:
+        return "payload missing"
+    return None
 
 
 def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
-                          prepare: Callable[[nn.Module], None] | None = None
+                          prepare: Callable[[nn.Module], None] | None = None, log=None
                           ) -> tuple[int, dict[str, torch.Tensor], list[ModuleStats], list[dict]]:
     """Restore the committed blocks 0..k (after `prepare(block)`, e.g. wrapping its linears so the
-    saved buffers fit) -> (k+1, the streams block k+1 starts from, stats, every block's extra)."""
-    files = sorted(ckpt.glob("block-*.pt")) if ckpt is not None and ckpt.exists() else []
-    if not files:
+    saved buffers fit) -> (k+1, the streams block k+1 starts from, stats, every block's extra).
+
+    Blocks are checked in order (header, checksum, tag); the first bad one and every block after
+    it are discarded with one line, and the run resumes from the newest good block that still
+    holds its streams (or from the start)."""
+    if ckpt is None or not ckpt.exists():
         return 0, {}, [], []
-    last = torch.load(files[-1], weights_only=True)
+    tag = _ckpt_tag(ckpt)
+    found = sorted(int(p.stem.split("-")[1]) for p in ckpt.glob("block-*.pt"))
+    good, why = 0, None
+    while good in found and (why := _check_block(ckpt, good, tag)) is None:
+        good += 1
+    resume = good - 1
+    while resume >= 0 and not json.loads((ckpt / f"block-{resume:05d}.json").read_text())["streams"]:
+        resume -= 1
+    bad = [i for i in found if i > resume]
+    if bad:
+        reason = why if good in found else f"block {good} missing"
+        msg = (f"checkpoint {ckpt}: block {good} is unusable ({reason}); discarding blocks "
+               f"{bad[0]}..{bad[-1]} and recomputing "
+               + (f"after block {resume}" if resume >= 0 else "from the start"))
+        (log or (lambda m: print(f"[spikellm] {m}", file=sys.stderr, flush=True)))(msg)
+        for i in bad:
+            for suffix in (".pt", ".json"):
+                (ckpt / f"block-{i:05d}{suffix}").unlink(missing_ok=True)
+    if resume < 0:
+        return 0, {}, [], []
     extras = []
-    for f in files:
-        data = last if f == files[-1] else torch.load(f, weights_only=True)
+    for i in range(resume + 1):
+        data = torch.load(ckpt / f"block-{i:05d}.pt", weights_only=True)
         if data["state"]:                         # empty for streamed blocks (already on disk)
             if prepare is not None:
                 prepare(blocks[data["block"]])
             blocks[data["block"]].load_state_dict(data["state"])
         extras.append(data.get("extra", {}))
-    return last["block"] + 1, last["streams"], [ModuleStats(**r) for r in last["stats"]], extras
+    return resume + 1, data["streams"], [ModuleStats(**r) for r in data["stats"]], extras
 
 
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorithm: BlockAlgorithm,
@@ -214,7 +302,7 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorit
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     blocks = blocks_of(model, spec)
-    start, streams, stats, _ = load_block_checkpoint(ckpt, blocks)
+    start, streams, stats, _ = load_block_checkpoint(ckpt, blocks, log=log)
     inputs = capture_block_inputs(model, spec, ids if start == 0 else ids[:1], device)
     if start:
         inputs = BlockInputs(hidden=streams["hidden"].to(device), kwargs=inputs.kwargs)

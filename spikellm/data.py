@@ -17,7 +17,6 @@ is tokenized in one call and cut into windows exactly as WikiText-2 test is.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -63,20 +62,12 @@ def read_text(path: str | os.PathLike) -> str:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"text file {p} not found (eval.datasets takes wikitext2, ptb, c4 or the "
-                        f"path of a UTF-8 text file)") from None
+                        f"path of a UTF-8 text file; data files live under paths.data_dir)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"text file {p} is not UTF-8 (byte {e.start}: {e.reason}); "
                         f"convert it, e.g. iconv -t utf-8") from None
     except OSError as e:
         raise DataError(f"cannot read text file {p}: {e.strerror}") from None
-
-
-def text_file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a text file's bytes (what an evaluation of it depends on)."""
-    try:
-        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-    except OSError as e:
-        raise DataError(f"cannot read text file {path}: {e.strerror}") from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -120,7 +111,7 @@ def wikitext_rows(raw: str) -> list[str]:
 
 def read_c4_documents(path: Path) -> list[str]:
     """Decode the truncated C4 JSON array record by record; stop at the first broken record."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     dec = json.JSONDecoder()
     pos = text.index("[") + 1
     docs = []
@@ -145,9 +136,9 @@ def load_rows(dataset: str, split: str, data_dir: str | os.PathLike | None = Non
     if root is not None:
         path = _local_file(dataset, split, root)
         if dataset == "wikitext2":
-            return wikitext_rows(path.read_text(encoding="utf-8"))
+            return wikitext_rows(read_text(path))
         if dataset == "ptb":
-            return [line.strip() for line in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
+            return [line.strip() for line in read_text(path).rstrip("\n").split("\n")]
         return read_c4_documents(path)
     return _load_rows_hub(dataset, split)
 
@@ -281,6 +272,22 @@ def dev_source(dataset: str, calib: CalibSpec | None = None, data_dir=None) -> s
         raise DataError(f"{dataset} has no dev split here: its calibration source {dataset}/{split} "
                         f"is also its test split; evaluate it with eval.split=test")
     return split
+
+
+def source_file(dataset: str, split: str | None = None, data_dir=None,
+                calib: CalibSpec | None = None) -> Path | None:
+    """The local file an evaluation (`split` None/"test", "dev") or, with `split` a split name,
+    a calibration of `dataset` reads; None when the text comes from the HF hub."""
+    if is_text_file(dataset):
+        return Path(dataset).expanduser()
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return None
+    if split == "dev":
+        split = dev_source(dataset, calib, data_dir)
+    elif split in (None, "test"):
+        split = EVAL_SPLIT[dataset]
+    return _local_file(dataset, split, root)
 
 
 def _c4_windows(max_windows: int | None) -> int:

@@ -424,7 +424,7 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
     blocks = blocks_of(model, spec)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     start, streams, stats, extras = load_block_checkpoint(
-        ckpt, blocks, prepare=lambda blk: wrap_block(blk, spec, q, s, train=False))
+        ckpt, blocks, prepare=lambda blk: wrap_block(blk, spec, q, s, train=False), log=log)
     fp, qh = streams.get("fp"), streams.get("q")
     params = {k: v for e in extras for k, v in e.items()}
     inputs = capture_block_inputs(model, spec, calib_ids if start == 0 else calib_ids[:1], device)

@@ -33,9 +33,16 @@ def _keys(overrides):
 
 def test_keys_change_exactly_with_output_changing_keys():
     base = _keys(["spiking.saliency_from=fp"])
-    same = _keys(["spiking.saliency_from=fp", "progress=false", "batch_size=3", "name=x",
-                  "logger=none"])
+    same = _keys(["spiking.saliency_from=fp", "progress=false", "name=x", "logger=none",
+                  "model.resources.gpus=4"])
     assert same == base                                  # nothing output-changing
+    # the calibration batch changes the Hessians' summation order (weights differ): keyed
+    batch = _keys(["spiking.saliency_from=fp", "batch_size=3"])
+    assert {s for s in base if base[s] != batch[s]} == {"score", "quantize", "evaluate"}
+    ebatch = _keys(["spiking.saliency_from=fp", "eval.batch_size=1"])
+    assert {s for s in base if base[s] != ebatch[s]} == {"evaluate", "evaluate_fp"}
+    saved = _keys(["spiking.saliency_from=fp", "save_model=true"])
+    assert {s for s in base if base[s] != saved[s]} == {"quantize", "evaluate"}
     ev = _keys(["spiking.saliency_from=fp", "eval.max_windows=7"])
     assert {s for s in base if base[s] != ev[s]} == {"evaluate", "evaluate_fp"}
     alloc = _keys(["spiking.saliency_from=fp", "spiking.ratio=0.3"])
