@@ -108,7 +108,9 @@ def claim_checkpoint(store: ArtifactStore, node) -> Path:
         if d != best or d.exists():
             shutil.rmtree(d, ignore_errors=True)
     mine.mkdir(exist_ok=True)
-    (mine / CHECKPOINT_TAG).write_text(json.dumps({"key": node.key, "stage": node.stage}))
+    from .fingerprint import code_digest
+    (mine / CHECKPOINT_TAG).write_text(json.dumps({"key": node.key, "stage": node.stage,
+                                                   "code": code_digest()}))
     return mine
 
 

@@ -80,3 +80,26 @@ def test_failed_stage_on_slurm_cancels_its_dependents(tmp_path):
     assert "calibrate" in st.stdout and "failed" in st.stdout
     rows = [line for line in st.stdout.splitlines() if not line.startswith("total")]
     assert sum(" cancelled " in line for line in rows) == 2    # quantize and evaluate never ran
+
+
+def test_a_stage_on_another_host_is_judged_by_its_slurm_job():
+    """Issue 11: liveness of a lock owner or a `running` stage on another host comes from SLURM's
+    job state, not from a local pid (which means nothing there)."""
+    import time
+
+    from pipelines.locks import owner_alive
+    _cluster()
+    sub = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 60"], capture_output=True,
+                         text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    owner = {"host": "some-compute-node", "pid": 1, "slurm_job": job}
+    try:
+        assert owner_alive(owner, heartbeat_age_s=10**6)     # running: alive despite a stale heartbeat
+    finally:
+        subprocess.run(["scancel", job], timeout=60)
+    for _ in range(60):
+        if not owner_alive(owner, heartbeat_age_s=0.0):
+            break
+        time.sleep(1)
+    assert not owner_alive(owner, heartbeat_age_s=0.0)        # ended: gone despite a fresh heartbeat

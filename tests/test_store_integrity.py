@@ -356,7 +356,7 @@ def _wait_for_blocks(root: Path, n: int, proc, timeout=600) -> None:
 
 
 def _interrupt_and_resume(sig, tmp_path):
-    args = REDUCED + ["spiking.ratio=0.1", "eval.fp_baseline=false"]
+    args = REDUCED + ["spiking=none", "quant.wbits=3", "eval.fp_baseline=false"]
     ref = _cli(args, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     env = dict(os.environ, SPIKELLM_DATA_DIR=str(data_dir()))

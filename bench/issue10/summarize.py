@@ -5,7 +5,8 @@ granularity, recipe), averages each perplexity over calibration seeds (mean ± s
 one markdown row per method with equal steps, storage bits per weight, ACE (relative to FP16)
 and the additive share beside the perplexities. Every number comes from the manifests.
 
-    python bench/issue10/summarize.py outputs/issue10 [--family gptq|omniquant]
+    python bench/issue10/summarize.py outputs/issue10 [more stores or .jsonl] [--family gptq|omniquant]
+        [--export bench/results/issue10_gptq.jsonl]
 """
 from __future__ import annotations
 
@@ -42,12 +43,38 @@ def method_label(cfg: dict) -> tuple:
     return ("gptq", g, rank, name), f"{name}, {gran}"
 
 
-def load(store: Path) -> list[dict]:
+def load(source: Path) -> list[dict]:
+    """Runs of a results store (its run manifests) or of an exported `.jsonl` record file."""
+    if source.suffix == ".jsonl":
+        return [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     runs = []
-    for f in sorted(store.glob("runs/*/*/manifest.json")):
+    for f in sorted(source.glob("runs/*/*/manifest.json")):
         m = json.loads(f.read_text())
-        runs.append({"cfg": m["config"], "metrics": m["metrics"], "path": str(f)})
+        runs.append({"cfg": m["config"], "metrics": m["metrics"], "path": str(f),
+                     "command": m.get("command"), "versions": m.get("versions", {}),
+                     "host": _machine()})
     return runs
+
+
+def _machine() -> str:
+    """The CPU the runs were measured on (numbers move across machines: README)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def export(runs: list[dict], out: Path) -> None:
+    """Append the runs (config, metrics, command, versions, machine) to a `.jsonl` record, so
+    tables can be rebuilt from committed records when the store is gone; skips runs already in."""
+    have = {r["path"] for r in load(out)} if out.exists() else set()
+    with out.open("a") as f:
+        for r in runs:
+            if r["path"] not in have:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
 
 
 def fmt(xs: list[float]) -> str:
@@ -97,10 +124,15 @@ def summarize(runs: list[dict], family: str | None = None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("store", type=Path, help="paths.outputs of the runs")
+    ap.add_argument("sources", type=Path, nargs="+",
+                    help="paths.outputs of the runs, or exported .jsonl records")
     ap.add_argument("--family", choices=["gptq", "omniquant"])
+    ap.add_argument("--export", type=Path, help="also append the runs to this .jsonl record")
     a = ap.parse_args()
-    print(summarize(load(a.store), a.family))
+    runs = [r for src in a.sources for r in load(src)]
+    if a.export:
+        export(runs, a.export)
+    print(summarize(runs, a.family))
 
 
 if __name__ == "__main__":
