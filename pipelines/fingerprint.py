@@ -173,13 +173,12 @@ def code_digest(root: str = "pipelines.stages") -> str:
 
 @functools.lru_cache(maxsize=None)
 def library_versions(zero_shot: bool = False) -> dict[str, str]:
-    import torch
-    import transformers
-    out = {"torch": torch.__version__, "transformers": transformers.__version__}
-    if zero_shot:
-        from importlib.metadata import PackageNotFoundError, version
+    """Installed versions (package metadata: no import needed) of the libraries stages run on."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for dist in ("torch", "transformers", *(("lm_eval",) if zero_shot else ())):
         try:
-            out["lm_eval"] = version("lm_eval")
+            out[dist] = version(dist)
         except PackageNotFoundError:
-            out["lm_eval"] = "absent"
+            out[dist] = "absent"
     return out

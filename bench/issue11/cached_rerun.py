@@ -21,6 +21,7 @@ CHILD = r'''
 import json, sys, time
 t0 = time.time()
 from pipelines.config import compose_config, expand_points
+import pipelines.run             # what a re-run has imported before it plans (torch, transformers)
 import pipelines.dag as dag
 if sys.argv[1] == "stub":
     dag.code_digest = lambda: "x"
