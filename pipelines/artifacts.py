@@ -57,7 +57,7 @@ class Artifact:
     key: str
     path: Path
     manifest: dict
-    digest: str = ""          # SHA-256 of manifest.json: the artifact's content, in one hash
+    digest: str = ""          # `content_digest` of its files: what downstream artifacts record
 
     @property
     def metrics(self) -> dict:
@@ -65,6 +65,13 @@ class Artifact:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+
+def content_digest(files: dict[str, str]) -> str:
+    """One hash of an artifact's content: its files' SHA-256 map, less `metrics.json` (which holds
+    timings), so an identical rebuild leaves its dependents valid."""
+    content = {k: v for k, v in files.items() if k != METRICS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,16 +117,16 @@ class ArtifactStore:
             want = (path / MANIFEST_SUM).read_text().split()[0]
         except FileNotFoundError as e:
             raise Corrupt(f"{Path(e.filename).name} is missing") from None
-        except IndexError:
-            raise Corrupt(f"{MANIFEST_SUM} is empty") from None
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != want:
+        except (IndexError, UnicodeDecodeError):
+            raise Corrupt(f"{MANIFEST_SUM} is empty or garbled") from None
+        if hashlib.sha256(raw).hexdigest() != want:
             raise Corrupt(f"{MANIFEST} does not match {MANIFEST_SUM} (edited or truncated)")
         try:
             manifest = json.loads(raw)
             files = dict(manifest["files"])
         except (ValueError, KeyError, TypeError):
             raise Corrupt(f"{MANIFEST} is not a manifest") from None
+        digest = content_digest(files)
         for name, sha in files.items():
             try:
                 ok = file_sha256(path / name) == sha
@@ -210,8 +217,8 @@ class ArtifactStore:
                             "metrics": metrics, "files": files}
                 raw = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
                 (tmp / MANIFEST).write_bytes(raw)
-                digest = hashlib.sha256(raw).hexdigest()
-                (tmp / MANIFEST_SUM).write_text(f"{digest}  {MANIFEST}\n")
+                (tmp / MANIFEST_SUM).write_text(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
+                digest = content_digest(files)
                 _fsync_tree(tmp)
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)

@@ -41,11 +41,16 @@ def _sel(cfg, *paths: str) -> dict:
 
 
 def _device(cfg) -> str:
-    """The device type a stage computes on (cpu or cuda): floats differ between them."""
+    """The device type a stage computes on (cpu or cuda): floats differ between them. `auto` is
+    resolved where the stage will run: on a GPU when it is submitted to a cluster with GPUs
+    requested, else by what this machine has."""
     d = cfg.device
     if d == "auto":
         import torch
-        d = "cuda" if torch.cuda.is_available() else "cpu"
+
+        from .launch import resolve_launcher
+        cluster_gpus = cfg.model.resources.gpus > 0 and resolve_launcher(cfg.launcher.kind) != "local"
+        d = "cuda" if cluster_gpus or torch.cuda.is_available() else "cpu"
     return d.split(":")[0]
 
 
@@ -75,7 +80,7 @@ def _eval_keys(cfg) -> dict:
         keys["eval.task_files"] = {
             t: {f: _file(root / f, cfg) for f in TASK_FILES.get(t, ()) if (root / f).exists()}
             if root is not None else {"source": "hf-hub"} for t in cfg.eval.tasks}
-        keys["versions"] = library_versions(zero_shot=True)
+        keys["zero_shot_versions"] = library_versions(zero_shot=True)
     return keys
 
 

@@ -2,7 +2,8 @@
 code and the libraries. Each becomes part of the stage key (`pipelines.dag`), so a changed data
 file, checkpoint, source file or torch/transformers version can never return an old artifact.
 
-- `file_digest(path)`: SHA-256 of a file's bytes, remembered by (real path, size, mtime) in
+- `file_digest(path)`: SHA-256 of a file's bytes, remembered by (real path, size, mtime, inode,
+  ctime) in
   `<cache>/digests.json`, so a large file (a 70B shard, C4) is read once, not on every plan.
 - `model_identity(cfg)`: a local checkpoint's content (its config, tokenizer and weight files),
   or a hub id with the revision the local HF cache resolves `main` to.
@@ -27,6 +28,9 @@ _LOCK = threading.Lock()
 _MEMO: dict[str, dict] | None = None
 #: project packages whose sources make up the code digest
 _PACKAGES = ("spikellm", "pipelines")
+#: store infrastructure the stages import but whose code computes no stage output (its edits
+#: must not invalidate every artifact): locking, checksums, hashing
+_NOT_OUTPUT = ("pipelines.artifacts", "pipelines.locks", "pipelines.fingerprint", "pipelines.store")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,10 +60,10 @@ def _save_memo() -> None:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's bytes; cached by (real path, size, mtime_ns)."""
+    """Hex SHA-256 of the file's bytes; cached by (real path, size, mtime, inode, ctime)."""
     p = Path(path).expanduser().resolve()
     st = p.stat()
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     with _LOCK:
         memo = _load_memo()
         hit = memo.get(str(p))
@@ -99,6 +103,8 @@ def _hub_revision(hub_id: str) -> str | None:
 
 def model_identity(cfg) -> dict:
     """What identifies the weights and tokenizer a stage loads (not the path they are at)."""
+    if cfg.paths.cache:            # where the stages will look for the embedded model
+        os.environ.setdefault("SPIKELLM_CACHE", str(Path(cfg.paths.cache).expanduser()))
     return _model_identity(cfg.model.path, cfg.model.hub_id, cfg.model.name)
 
 
@@ -153,7 +159,7 @@ def code_files(root: str = "pipelines.stages") -> tuple[Path, ...]:
         if mod in seen:
             continue
         path = _source_of(mod)
-        if path is None:
+        if path is None or mod in _NOT_OUTPUT:
             continue
         seen[mod] = path
         parts = mod.split(".")

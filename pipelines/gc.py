@@ -29,6 +29,11 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def _newest(p: Path) -> float:
+    """The newest mtime in a tree (block checkpoints are written a level down)."""
+    return max([p.stat().st_mtime, *(f.stat().st_mtime for f in p.rglob("*"))])
+
+
 def _held(stage_dir: Path, key: str, stale_s: float) -> bool:
     lock = stage_dir / ".locks" / f"{key}.lock"
     try:
@@ -38,7 +43,7 @@ def _held(stage_dir: Path, key: str, stale_s: float) -> bool:
         return False
     except (OSError, ValueError):
         return True
-    if not owner:                  # no owner recorded (being written, or an older store): keep
+    if not owner:                  # no owner recorded (an older store's flock file): keep
         return True
     return owner_alive(owner, age, stale_s)
 
@@ -60,7 +65,7 @@ def garbage(cache: Path, keep_hours: float = 24.0, stale_s: float = 600.0) -> li
                 key = name[len(".ckpt-"):]
                 if (stage_dir / key).exists():
                     out.append((p, "checkpoint of a committed artifact"))
-                elif not _held(stage_dir, key, stale_s) and now - p.stat().st_mtime > keep_hours * 3600:
+                elif not _held(stage_dir, key, stale_s) and now - _newest(p) > keep_hours * 3600:
                     out.append((p, f"orphaned checkpoint, untouched for > {keep_hours:g} h"))
         locks = stage_dir / ".locks"
         if locks.is_dir():

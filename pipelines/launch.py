@@ -9,6 +9,7 @@ submitted and get no edge.
 """
 from __future__ import annotations
 
+import functools
 import pickle
 import shutil
 import subprocess
@@ -26,8 +27,9 @@ from .stages import say
 from .tracking import Tracker
 
 
+@functools.lru_cache(maxsize=None)
 def slurm_available() -> bool:
-    """A SLURM controller answers (sbatch on PATH and `squeue` succeeds)."""
+    """A SLURM controller answers (sbatch on PATH and `squeue` succeeds); asked once per process."""
     if not shutil.which("sbatch") or not shutil.which("squeue"):
         return False
     try:
@@ -70,6 +72,20 @@ class NodeJob:
         return submitit.helpers.DelayedSubmission(NodeJob(), sweep_dir, node_id)
 
 
+def _check_inputs_unchanged(node, nodes) -> None:
+    """A queued job recomputes its key where it runs: if code, data or libraries changed since
+    submission, its result would be stored under a key naming the old ones. Fail in one line."""
+    from .dag import STAGE_INPUTS, STAGE_VERSIONS
+    from .store import content_key
+    inputs = STAGE_INPUTS[node.stage](node.cfg)
+    key = content_key(node.stage, STAGE_VERSIONS[node.stage], inputs,
+                      sorted((r, nodes[i].key) for r, i in node.deps.items()))
+    if key != node.key:
+        changed = sorted(k for k in set(inputs) | set(node.inputs) if inputs.get(k) != node.inputs.get(k))
+        raise RuntimeError(f"{node.id}: its inputs changed since submission ({', '.join(changed)}); "
+                           f"resubmit the sweep")
+
+
 def run_node_job(sweep_dir: str, node_id: str) -> str:
     """SLURM/submitit entry point: build one stage instance; raise if it fails."""
     from .dag import Node
@@ -80,6 +96,7 @@ def run_node_job(sweep_dir: str, node_id: str) -> str:
     for i, d in blob["nodes"].items():
         nodes[i] = Node(d["stage"], d["key"], d["inputs"], d["deps"], retype(d["cfg"]), d["points"])
     node = nodes[node_id]
+    _check_inputs_unchanged(node, nodes)
     store = open_store(node.cfg)
     deps = {}
     for role, dep_id in node.deps.items():

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 
+#: when this process started (a lock with our host and pid from before then is a leftover)
+_STARTED = time.time()
+
+
 class LockTimeout(RuntimeError):
     """Another process held the lock for longer than the timeout."""
 
@@ -84,25 +88,32 @@ class FileLock:
         self._record: dict | None = None
 
     def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        self._record = owner_record()
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record, f)
+        """Write the owner record to a private file, then hard-link it to the lock path: the link
+        fails if the lock exists (atomic on NFS and Lustre), and the lock is never seen empty."""
+        record = owner_record()
+        tmp = self.path.with_name(f".{self.path.name}.{record['host']}.{record['pid']}")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._record = record
         return True
 
     def _owner(self) -> tuple[dict | None, float | None]:
+        """(owner record, seconds since its heartbeat), or (None, None) when there is no lock."""
         try:
             age = time.time() - self.path.stat().st_mtime
-            return json.loads(self.path.read_text() or "{}"), age
+            return json.loads(self.path.read_text() or "{}") or {"unreadable": True}, age
         except FileNotFoundError:
             return None, None
         except (OSError, ValueError):
-            return {}, None          # being written right now: not stale
+            return {"unreadable": True}, locals().get("age")
 
     def _break(self, owner: dict) -> None:
         """Remove a dead owner's lock file, unless someone else replaced it meanwhile."""
@@ -115,10 +126,24 @@ class FileLock:
             taken = json.loads(aside.read_text() or "{}")
         except (OSError, ValueError):
             taken = {}
-        if taken and taken != owner:          # we moved a fresh owner's file: put it back
-            os.replace(aside, self.path)
-            return
+        if taken != owner:          # we moved a fresh owner's file: put it back, never over another
+            try:
+                os.link(aside, self.path)
+            except (FileExistsError, FileNotFoundError):
+                pass
         aside.unlink(missing_ok=True)
+
+    def _dead(self, owner: dict, age: float | None) -> bool:
+        """Whether `owner` (read from the lock file, `age` seconds since its heartbeat) is gone."""
+        if owner.get("unreadable"):            # garbled (written by hand or a broken disk)
+            return age is None or age > 60
+        me = owner_record()
+        if owner.get("slurm_job") and owner["slurm_job"] == me["slurm_job"]:
+            return True                         # our own job, requeued: its old lock is a leftover
+        if (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]) and \
+                owner.get("since", 0) < _STARTED:
+            return True                         # our pid from before we started: a previous life
+        return not owner_alive(owner, age, self.stale_s)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +152,7 @@ class FileLock:
             owner, age = self._owner()
             if owner is None:
                 continue                       # released between our create and our read
-            if owner and not owner_alive(owner, age, self.stale_s):
+            if self._dead(owner, age):
                 self.say(f"lock {self.path}: owner {describe(owner)} is gone; taking it over")
                 self._break(owner)
                 continue

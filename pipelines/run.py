@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from spikellm.data import DataError
 
+from .artifacts import StoreIOError
 from . import stages
 from .config import ConfigError, compose_config, expand_points, expand_sweep, recipe_sweep, run_name
 from .schema import PreflightError, open_store, preflight
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoreIOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         from .execute import Interrupted
         sig = str(e) or "SIGINT"

@@ -232,8 +232,11 @@ def check_outputs(outputs: str) -> None:
 
 
 def check_device(device: str) -> None:
+    """`device=cuda[:N]` needs that GPU here (checked for in-process runs, before any stage)."""
     if device.startswith("cuda"):
         import torch
+        if device != "cuda" and not device[5:].lstrip(":").isdigit():
+            raise PreflightError(f"device={device} is invalid: use cuda or cuda:N (N a GPU index)")
         if not torch.cuda.is_available():
             raise PreflightError(f"device={device} but no CUDA GPU is visible here; use device=cpu "
                                  f"(or device=auto, which picks a GPU when there is one)")
@@ -264,7 +267,9 @@ def preflight(cfg: Any) -> None:
     from spikellm.data import EVAL_SPLIT, check_available, dev_source
     from spikellm.models import resolve_source
     check_outputs(cfg.paths.outputs)
-    check_device(cfg.device)
+    from .launch import resolve_launcher
+    if resolve_launcher(cfg.launcher.kind) == "local":   # SLURM jobs check on their own node
+        check_device(cfg.device)
     if cfg.model.path not in (None, "embedded"):
         resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
     elif cfg.model.path is None and not cfg.model.hub_id:

@@ -178,25 +178,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _commit(ckpt: Path, i: int, data: dict) -> None:
-    """Write block i's payload and its header (block, SHA-256, tag, whether it holds streams),
-    each fsynced and renamed into place; the header is the commit mark."""
-    tmp, final = ckpt / f".block-{i}.tmp", ckpt / f"block-{i:05d}.pt"
+def _write_synced(path: Path, data) -> str:
+    """torch.save `data` to a temporary file, fsync, rename to `path`; -> SHA-256 of the bytes."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         torch.save(data, f)
         f.flush()
         os.fsync(f.fileno())
-    header = {"block": i, "sha256": _sha256(tmp), "tag": _ckpt_tag(ckpt),
-              "streams": bool(data.get("streams"))}
-    htmp, hfinal = ckpt / f".block-{i}.json.tmp", ckpt / f"block-{i:05d}.json"
-    with open(htmp, "w") as f:
-        json.dump(header, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    os.replace(htmp, hfinal)
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
     try:
-        fd = os.open(ckpt, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     except OSError:
@@ -205,27 +201,39 @@ def _commit(ckpt: Path, i: int, data: dict) -> None:
 
 def save_block_checkpoint(ckpt: Path, i: int, block: nn.Module, streams: dict[str, torch.Tensor],
                           stats: list[ModuleStats], extra: dict | None = None) -> None:
-    """Commit block i: its state (streamed blocks on meta are already on disk and are left out),
-    the activation `streams` the next block starts from (e.g. {"hidden": [N, L, h]}), the stats
-    so far and `extra` (e.g. learned parameters), with a header `block-i.json` (SHA-256 of the
-    payload, the directory's tag). The two newest blocks keep their streams, older ones drop
-    them, so a bad newest block can be recomputed from the one before it."""
+    """Commit block i: `block-i.pt` (its state; streamed blocks on meta are already on disk and
+    are left out; the stats so far; `extra`, e.g. learned parameters), `streams-i.pt` (the
+    activation `streams` the next block starts from, e.g. {"hidden": [N, L, h]}), then the header
+    `block-i.json` (block index, both SHA-256s, the directory's tag), which is the commit mark.
+    Each file is fsynced and renamed into place. Only the two newest blocks keep their streams
+    file (older ones are deleted, never rewritten), so a bad newest block is recomputed from the
+    one before it."""
     ckpt.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in block.state_dict().items() if v.device.type != "meta"}
-    _commit(ckpt, i, {"block": i, "state": state, "streams": {k: v.cpu() for k, v in streams.items()},
-                      "stats": [r.row() for r in stats], "extra": extra or {}})
-    old = ckpt / f"block-{i - 2:05d}.pt"
-    if old.exists():
-        data = torch.load(old, weights_only=True)
-        if data.pop("streams", None):
-            _commit(ckpt, i - 2, {**data, "streams": {}})
+    header = {"block": i, "tag": _ckpt_tag(ckpt),
+              "sha256": _write_synced(ckpt / f"block-{i:05d}.pt",
+                                      {"block": i, "state": state, "stats": [r.row() for r in stats],
+                                       "extra": extra or {}}),
+              "streams_sha256": _write_synced(ckpt / f"streams-{i:05d}.pt",
+                                              {k: v.cpu() for k, v in streams.items()})}
+    tmp = ckpt / f".block-{i:05d}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(header, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt / f"block-{i:05d}.json")
+    _fsync_dir(ckpt)
+    (ckpt / f"streams-{i - 2:05d}.pt").unlink(missing_ok=True)
+
+
+def _header(ckpt: Path, i: int) -> dict:
+    return json.loads((ckpt / f"block-{i:05d}.json").read_text())
 
 
 def _check_block(ckpt: Path, i: int, tag: dict) -> str | None:
     """Why block i's checkpoint cannot be used, or None if it is intact and ours."""
-    pt, hdr = ckpt / f"block-{i:05d}.pt", ckpt / f"block-{i:05d}.json"
     try:
-        header = json.loads(hdr.read_text())
+        header = _header(ckpt, i)
     except FileNotFoundError:
         return "no header (never committed)"
     except (OSError, ValueError):
@@ -235,11 +243,18 @@ def _check_block(ckpt: Path, i: int, tag: dict) -> str | None:
     if header.get("tag") != tag:
         return "written under another config or code version"
     try:
-        if _sha256(pt) != header.get("sha256"):
+        if _sha256(ckpt / f"block-{i:05d}.pt") != header.get("sha256"):
             return "checksum mismatch (truncated or overwritten)"
     except FileNotFoundError:
         return "payload missing"
     return None
+
+
+def _streams_ok(ckpt: Path, i: int) -> bool:
+    try:
+        return _sha256(ckpt / f"streams-{i:05d}.pt") == _header(ckpt, i).get("streams_sha256")
+    except (OSError, ValueError):
+        return False
 
 
 def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
@@ -249,28 +264,31 @@ def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
     saved buffers fit) -> (k+1, the streams block k+1 starts from, stats, every block's extra).
 
     Blocks are checked in order (header, checksum, tag); the first bad one and every block after
-    it are discarded with one line, and the run resumes from the newest good block that still
-    holds its streams (or from the start)."""
+    it are discarded with one line, and the run resumes from the newest good block whose streams
+    file is intact (or from the start)."""
     if ckpt is None or not ckpt.exists():
         return 0, {}, [], []
     tag = _ckpt_tag(ckpt)
-    found = sorted(int(p.stem.split("-")[1]) for p in ckpt.glob("block-*.pt"))
+    found = sorted({int(p.stem.split("-")[1]) for p in ckpt.glob("block-*.pt")} |
+                   {int(p.stem.split("-")[1]) for p in ckpt.glob("block-*.json")})
     good, why = 0, None
     while good in found and (why := _check_block(ckpt, good, tag)) is None:
         good += 1
     resume = good - 1
-    while resume >= 0 and not json.loads((ckpt / f"block-{resume:05d}.json").read_text())["streams"]:
+    while resume >= 0 and not _streams_ok(ckpt, resume):
         resume -= 1
     bad = [i for i in found if i > resume]
     if bad:
-        reason = why if good in found else f"block {good} missing"
-        msg = (f"checkpoint {ckpt}: block {good} is unusable ({reason}); discarding blocks "
-               f"{bad[0]}..{bad[-1]} and recomputing "
-               + (f"after block {resume}" if resume >= 0 else "from the start"))
+        if good in found:
+            reason = f"block {good} is unusable ({why})"
+        else:
+            reason = f"the activations after block {good - 1} are unusable"
+        msg = (f"checkpoint {ckpt}: {reason}; discarding blocks {bad[0]}..{bad[-1]} and "
+               f"recomputing " + (f"after block {resume}" if resume >= 0 else "from the start"))
         (log or (lambda m: print(f"[spikellm] {m}", file=sys.stderr, flush=True)))(msg)
         for i in bad:
-            for suffix in (".pt", ".json"):
-                (ckpt / f"block-{i:05d}{suffix}").unlink(missing_ok=True)
+            for name in (f"block-{i:05d}.pt", f"block-{i:05d}.json", f"streams-{i:05d}.pt"):
+                (ckpt / name).unlink(missing_ok=True)
     if resume < 0:
         return 0, {}, [], []
     extras = []
@@ -281,7 +299,8 @@ def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
                 prepare(blocks[data["block"]])
             blocks[data["block"]].load_state_dict(data["state"])
         extras.append(data.get("extra", {}))
-    return resume + 1, data["streams"], [ModuleStats(**r) for r in data["stats"]], extras
+    streams = torch.load(ckpt / f"streams-{resume:05d}.pt", weights_only=True)
+    return resume + 1, streams, [ModuleStats(**r) for r in data["stats"]], extras
 
 
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorithm: BlockAlgorithm,
