@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from spikellm.blockwise import fsync_dir
 from spikellm.embedded import sha256_file
 
 from .locks import FileLock
@@ -74,25 +75,12 @@ def content_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 class ArtifactStore:
@@ -221,7 +209,7 @@ class ArtifactStore:
                 digest = content_digest(files)
                 _fsync_tree(tmp)
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -109,11 +109,15 @@ class FileLock:
         """(owner record, seconds since its heartbeat), or (None, None) when there is no lock."""
         try:
             age = time.time() - self.path.stat().st_mtime
-            return json.loads(self.path.read_text() or "{}") or {"unreadable": True}, age
+            text = self.path.read_text()
         except FileNotFoundError:
             return None, None
-        except (OSError, ValueError):
-            return {"unreadable": True}, locals().get("age")
+        except OSError:
+            return {"unreadable": True}, None
+        try:
+            return json.loads(text) or {"unreadable": True}, age
+        except ValueError:
+            return {"unreadable": True}, age
 
     def _break(self, owner: dict) -> None:
         """Remove a dead owner's lock file, unless someone else replaced it meanwhile."""

@@ -7,7 +7,6 @@ memory) are collected in `ModuleStats` rows.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .embedded import sha256_file
 from .models import FamilySpec, blocks_of
 
 #: layer kwargs that must not be replayed: a shared KV cache would grow with every sample
@@ -170,14 +170,6 @@ def _ckpt_tag(ckpt: Path) -> dict:
         return {}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_synced(path: Path, data) -> str:
     """torch.save `data` to a temporary file, fsync, rename to `path`; -> SHA-256 of the bytes."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -185,12 +177,13 @@ def _write_synced(path: Path, data) -> str:
         torch.save(data, f)
         f.flush()
         os.fsync(f.fileno())
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename into it survives a crash (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
@@ -222,7 +215,7 @@ def save_block_checkpoint(ckpt: Path, i: int, block: nn.Module, streams: dict[st
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt / f"block-{i:05d}.json")
-    _fsync_dir(ckpt)
+    fsync_dir(ckpt)
     (ckpt / f"streams-{i - 2:05d}.pt").unlink(missing_ok=True)
 
 
@@ -243,7 +236,7 @@ def _check_block(ckpt: Path, i: int, tag: dict) -> str | None:
     if header.get("tag") != tag:
         return "written under another config or code version"
     try:
-        if _sha256(ckpt / f"block-{i:05d}.pt") != header.get("sha256"):
+        if sha256_file(ckpt / f"block-{i:05d}.pt") != header.get("sha256"):
             return "checksum mismatch (truncated or overwritten)"
     except FileNotFoundError:
         return "payload missing"
@@ -252,7 +245,7 @@ def _check_block(ckpt: Path, i: int, tag: dict) -> str | None:
 
 def _streams_ok(ckpt: Path, i: int) -> bool:
     try:
-        return _sha256(ckpt / f"streams-{i:05d}.pt") == _header(ckpt, i).get("streams_sha256")
+        return sha256_file(ckpt / f"streams-{i:05d}.pt") == _header(ckpt, i).get("streams_sha256")
     except (OSError, ValueError):
         return False
 
