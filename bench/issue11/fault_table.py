@@ -63,13 +63,14 @@ def states(outputs: Path) -> dict[str, int]:
     return out
 
 
-def weights(outputs: Path) -> dict:
+def weights(p) -> dict:
+    """The quantized weights of the run a successful CLI call `p` reported (its manifest names
+    the quantize artifact; a store may hold several)."""
     from safetensors.torch import load_file
-    (f,) = outputs.glob("cache/quantize/*/weights.safetensors")
-    return load_file(str(f))
+    return load_file(str(Path(manifest(p)["artifacts"]["quantize"]) / "weights.safetensors"))
 
 
-def same_weights(a: Path, b: Path) -> bool:
+def same_weights(a, b) -> bool:
     import torch
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -168,7 +169,7 @@ def main() -> int:
         label = "resume after SIGINT with the newest block file truncated" if name == "SIGINT" \
             else "resume after SIGTERM"
         row(label, "same command", p,
-            f"resumed; weights bit-equal to an uninterrupted run: {same_weights(ref, out)}; "
+            f"resumed; weights bit-equal to an uninterrupted run: {same_weights(r0, p)}; "
             f"ppl {ppl(p):.2f}")
 
     # 7. outputs that cannot be written
