@@ -1,12 +1,14 @@
 """Tables of the fair-comparison runs (issue 10) from a results store's run manifests.
 
 Groups the runs of `<outputs>/runs/*/*/manifest.json` by method (quant, spiking design,
-granularity, recipe), averages each perplexity over calibration seeds (mean ± std, n) and prints
+granularity, recipe), averages each perplexity over calibration seeds and machines (mean ± std,
+n = the number of (seed, machine) runs: the same seed on another CPU is another run, since the
+far-from-FP regimes here move with floating-point summation order) and prints
 one markdown row per method with equal steps, storage bits per weight, ACE (relative to FP16)
 and the additive share beside the perplexities. Every number comes from the manifests.
 
     python bench/issue10/summarize.py outputs/issue10 [more stores or .jsonl] [--family gptq|omniquant]
-        [--export bench/results/issue10_gptq.jsonl]
+        [--export bench/results/issue10_gptq.jsonl] [--host SUBSTRING]
 """
 from __future__ import annotations
 
@@ -87,16 +89,18 @@ def fmt(xs: list[float]) -> str:
     return f"{f(m)} ± {f(statistics.stdev(xs))} (n={len(xs)})"
 
 
-def summarize(runs: list[dict], family: str | None = None) -> str:
+def summarize(runs: list[dict], family: str | None = None, host: str | None = None) -> str:
     by: dict[tuple, dict] = defaultdict(lambda: {"ppl": defaultdict(dict), "cost": {}, "name": ""})
     fp: dict[str, set] = defaultdict(set)
+    hosts: dict[str, int] = defaultdict(int)
     for r in runs:
         key, name = method_label(r["cfg"])
-        if family and key[0] != family:
+        if family and key[0] != family or host and host not in r.get("host", ""):
             continue
         e = by[key]
         e["name"] = name
-        seed = r["cfg"]["calib"]["seed"]
+        seed = (r["cfg"]["calib"]["seed"], r.get("host", "unknown"))
+        hosts[r.get("host", "unknown")] += 1
         for k, v in r["metrics"].items():
             if k.startswith("ppl/fp/"):
                 fp[k.replace("ppl/fp/", "")].add(round(v, 3))
@@ -119,6 +123,7 @@ def summarize(runs: list[dict], family: str | None = None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("FP: " + ", ".join(f"{k} {sorted(v)}" for k, v in sorted(fp.items())))
+    lines.append("machines (runs): " + ", ".join(f"{h} ({n})" for h, n in sorted(hosts.items())))
     return "\n".join(lines)
 
 
@@ -128,11 +133,12 @@ def main() -> None:
                     help="paths.outputs of the runs, or exported .jsonl records")
     ap.add_argument("--family", choices=["gptq", "omniquant"])
     ap.add_argument("--export", type=Path, help="also append the runs to this .jsonl record")
+    ap.add_argument("--host", help="only the runs measured on a CPU whose name contains this")
     a = ap.parse_args()
     runs = [r for src in a.sources for r in load(src)]
     if a.export:
         export(runs, a.export)
-    print(summarize(runs, a.family))
+    print(summarize(runs, a.family, a.host))
 
 
 if __name__ == "__main__":
