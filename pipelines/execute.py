@@ -168,7 +168,7 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
         check_disk(node, store.root)
         with tracker.stage_run(node.stage, f"{name}:{node.stage}",
                                {**_config_dict(node.cfg), "stage_key": node.key}) as run:
-            art, _ = store.build(node.stage, node.key,
+            art, built = store.build(node.stage, node.key,
                                  lambda out: STAGE_FUNCTIONS[node.stage](
                                      node.cfg, deps, out, checkpoint=claim_checkpoint(store, node)),
                                  record, upstream_digests(deps))
@@ -194,7 +194,11 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
             traceback.format_exc())
         set_state(sweep_dir, node, "failed", ended=_now(), reason=reason)
         raise
-    set_state(sweep_dir, node, "done", ended=_now(), path=str(art.path))
+    if built:
+        set_state(sweep_dir, node, "done", ended=_now(), path=str(art.path))
+    else:                    # another process built it while this one waited on the lock
+        set_state(sweep_dir, node, "cached", ended=_now(), path=str(art.path),
+                  reason="built by another process while this one waited")
     return art
 
 

@@ -79,3 +79,17 @@ def test_report_tables_every_point_from_the_sweep_record(tmp_path, stand_ins):
     text = md.read_text()
     assert text.count("| done |") == 2 and "test/evaluate" in text and "test/quantize" in text
     assert "<svg" in html.read_text() or "no finished points" in html.read_text()
+
+
+def test_a_stage_another_process_built_meanwhile_is_recorded_cached_not_done(tmp_path, stand_ins):
+    """The race of two launches: this one's lookup missed, the other process committed the
+    artifact while this one waited on the lock. Nothing is recomputed and the state says so."""
+    calls, _, mp = stand_ins
+    _run(tmp_path, "first")
+    calls.clear()
+    mp.setattr(execute, "lookup", lambda *a, **k: None)      # the lookup ran before the commit
+    p, done, sweep_dir = _run(tmp_path, "second")
+    assert calls == [] and all(a is not None for a in done.values())
+    states = [json.loads(execute.state_path(sweep_dir, i).read_text()) for i in p.nodes]
+    assert {s["state"] for s in states} == {"cached"}
+    assert all("another process" in s["reason"] for s in states)

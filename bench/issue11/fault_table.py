@@ -49,7 +49,8 @@ def ppl(p) -> float:
 
 def first(p) -> str:
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith(("error:", "interrupted", "[spikellm] cache:",
-                                                                 "[spikellm] checkpoint", "[spikellm] lock"))]
+                                                                 "[spikellm] checkpoint", "[spikellm] lock",
+                                                                 "[spikellm] stage "))]
     return (lines[0] if lines else (p.stderr.strip().splitlines() or [""])[-1])[:150]
 
 
@@ -199,15 +200,16 @@ def main() -> int:
     two = work / "two"
     procs = [cli([], two, wait=False) for _ in range(2)]
     outs = [pr.communicate(timeout=1800) for pr in procs]
-    done = 0
+    done = 0                      # a waiter that finds the artifact records it as cached
     for sw in (two / "sweeps").glob("*/*"):
         for fst in (sw / "state").glob("quantize__*.json"):
             done += json.loads(fst.read_text())["state"] == "done"
+    built = len(list((two / "cache" / "quantize").glob("[0-9a-f]*")))
     waited = any("waiting for" in e for _, e in outs)
     p = subprocess.CompletedProcess([], max(pr.returncode for pr in procs), "",
                                     next((e for _, e in outs if "waiting for" in e), outs[1][1]))
     row("two processes, one key, at once", "the same command twice", p,
-        f"quantize computed {done} time(s); a 'waiting for' line: {waited}")
+        f"quantize computed {done} time(s), {built} artifact; a 'waiting for' line: {waited}")
 
     # 10. a stale lock left by a killed process on this host
     import socket
