@@ -79,11 +79,12 @@ def export(runs: list[dict], out: Path) -> None:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
 
 
-def fmt(xs: list[float]) -> str:
+def fmt(xs: list[float], pct: bool = False) -> str:
     if not xs:
         return ""
     m = statistics.mean(xs)
-    f = (lambda v: f"{v:.3g}") if m >= 1e4 else (lambda v: f"{v:.1f}")
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3g}") if m >= 1e4 else \
+        (lambda v: f"{v:.1f}")
     if len(xs) == 1:
         return f"{f(m)} (n=1)"
     return f"{f(m)} ± {f(statistics.stdev(xs))} (n={len(xs)})"
@@ -102,15 +103,16 @@ def summarize(runs: list[dict], family: str | None = None, host: str | None = No
         seed = (r["cfg"]["calib"]["seed"], r.get("host", "unknown"))
         hosts[r.get("host", "unknown")] += 1
         for k, v in r["metrics"].items():
-            if k.startswith("ppl/fp/"):
-                fp[k.replace("ppl/fp/", "")].add(round(v, 3))
-            elif k.startswith("ppl/"):
-                e["ppl"][k.replace("ppl/", "")][seed] = v
+            if k.startswith(("ppl/fp/", "acc/fp/")):
+                fp[k.replace("/fp/", " ")].add(round(v, 4))
+            elif k.startswith("ppl/") or k.startswith("acc/") and isinstance(v, (int, float)):
+                e["ppl"][k.replace("/", " ", 1)][seed] = v
             elif k.startswith("cost/") and k not in e["cost"]:
                 e["cost"][k] = v
-    cols = sorted({c for e in by.values() for c in e["ppl"]}, key=lambda c: (not c.startswith("dev"), c))
-    head = ["method", "equal steps", "storage bits/weight", "ACE vs FP16", "additive share"] + \
-        [f"ppl {c}" for c in cols]
+    cols = sorted({c for e in by.values() for c in e["ppl"]},
+                  key=lambda c: (c.startswith("acc"), c.startswith("acc") and c != "acc avg",
+                                 not c.startswith("ppl dev"), c))
+    head = ["method", "equal steps", "storage bits/weight", "ACE vs FP16", "additive share"] + cols
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(by):
         e = by[key]
@@ -119,7 +121,8 @@ def summarize(runs: list[dict], family: str | None = None, host: str | None = No
                f"{c.get('cost/storage_bits', float('nan')):.2f}",
                f"{c.get('cost/ace_rel_fp16', float('nan')):.4f}",
                f"{c.get('cost/additive_fraction', 0.0):.1%}"]
-        row += [fmt([v for _, v in sorted(e["ppl"][col].items())]) for col in cols]
+        row += [fmt([v for _, v in sorted(e["ppl"][col].items())], pct=col.startswith("acc"))
+                for col in cols]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("FP: " + ", ".join(f"{k} {sorted(v)}" for k, v in sorted(fp.items())))
