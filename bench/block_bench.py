@@ -109,7 +109,7 @@ def bench(shape: str, method: str, args) -> dict:
             timer.wrap(blockwise, "capture_block_inputs", "capture")
             timer.wrap(qmod, "gptq_solve", "solve")
             timer.wrap(qmod, "_make_quantizer", "saliency")
-            timer.wrap(qmod, "inverse_hessian_cholesky", "saliency")
+            timer.wrap(qmod, "prepare_hessian", "saliency")
             qmod.quantize(model, ids, q, s, batch_size=args.batch_size, device=args.device,
                           progress=False, log=lambda *_: None)
     finally:

@@ -12,25 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hessian import HessianAccumulator, PreparedHessian, inverse_hessian_cholesky, prepare_hessian
 from .quantizers import ColumnQuantizer
-from .saliency import inverse_hessian_cholesky
 
-
-class HessianAccumulator:
-    """Running H = 2/n Σ x xᵀ over the tokens seen (GPTQ's add_batch); x [..., C_in]."""
-
-    def __init__(self, columns: int, device="cpu", dtype=torch.float32):
-        self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
-        self.nsamples = 0
-
-    @torch.no_grad()
-    def add_batch(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.dtype)
-        n = x.shape[0]
-        self.H *= self.nsamples / (self.nsamples + n)
-        self.nsamples += n
-        x = x * (2.0 / self.nsamples) ** 0.5
-        self.H += x.t() @ x
+__all__ = ["HessianAccumulator", "SolveResult", "gptq_solve", "reconstruction_error"]
 
 
 @dataclass
@@ -66,23 +51,26 @@ def _single_thread(enabled: bool):
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor | None, quantizer: ColumnQuantizer,
                blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False,
-               error_feedback: bool = True, on_damp=None) -> SolveResult:
+               error_feedback: bool = True, on_damp=None,
+               prepared: PreparedHessian | None = None) -> SolveResult:
     """Quantize W column by column; with `error_feedback` each column's error is spread over
     the not-yet-quantized columns through U = chol(H⁻¹) (GPTQ), without it this is RTN.
 
     H None means identity (RTN without calibration). `quantizer` is fitted on the fly at the
     first column of each of its spans. A Cholesky failure retries with tenfold damping and
     reports it through `on_damp(new_percdamp)`; it never raises for a merely ill-conditioned H.
+    `prepared`: `prepare_hessian(H, ...)` already done by the caller (e.g. for the saliency
+    scores), reused instead of a second inversion; with `actorder` the permuted H is inverted.
     """
     t0 = time.time()
     W0 = W.detach().float()
     W = W0.clone()
     C_out, C_in = W.shape
     H_orig = torch.eye(C_in, device=W.device) if H is None else H.float()
-    H = H_orig.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    ph = prepared if prepared is not None else \
+        prepare_hessian(H, C_in, W.device, percdamp, on_retry=None if actorder else on_damp)
+    H, U, damp = ph.H, ph.U, ph.damp
+    W[:, ph.dead] = 0
 
     perm = None
     if actorder:
@@ -90,8 +78,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor | None, quantizer: ColumnQuantiz
         W, H = W[:, perm], H[perm][:, perm]
         if hasattr(quantizer, "permute"):
             quantizer.permute(perm)
-
-    U, damp = inverse_hessian_cholesky(H, percdamp, on_retry=on_damp)
+        U, damp = inverse_hessian_cholesky(H, percdamp, on_retry=on_damp)
     quantizer.prepare(W, U)
 
     Q = torch.zeros_like(W)

@@ -43,12 +43,12 @@ from .blockwise import (BlockInputs, InputCollector, ModuleStats, capture_block_
                         load_block_checkpoint, peak_memory_gb, save_block_checkpoint)
 from .config import QuantConfig, SpikingConfig
 from .gif import integer_codes, per_token_params, spike_train
-from .gptq import HessianAccumulator
+from .hessian import HessianAccumulator, prepare_hessian
 from .let import ROLES, LETParams, fold_norms, smooth_init, transformed_weight
 from .models import FamilySpec, blocks_of, family_of, set_module
 from .omni_attention import KVQuantizer, use_spiking_attention
 from .omni_quantizers import GIFActQuantizer, LWCWeightQuantizer
-from .saliency import ActivationSaliency, hessian_column_saliency, inverse_hessian_cholesky
+from .saliency import ActivationSaliency, hessian_column_saliency
 
 
 class QuantLinear(nn.Module):
@@ -244,10 +244,7 @@ def _mask_pass(block, linears, inputs: BlockInputs, q: QuantConfig, s: SpikingCo
         linears[n].act_quant.set_salient(m)
         counts[f"act:{n}"] = int(m.sum())
     for i, (n, acc) in enumerate(hess.items()):
-        H = acc.H
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        U, _ = inverse_hessian_cholesky(H, q.percdamp)
+        U = prepare_hessian(acc.H, percdamp=q.percdamp).U
         m = _top_mask(hessian_column_saliency(linears[n].weight.float(), U), s.ratio, s.select, seed + 100 + i)
         linears[n].weight_quant.salient_cols.copy_(m)
         counts[f"weight:{n}"] = int(m.sum())

@@ -13,10 +13,11 @@ from .allocation import LayerCost, allocate_steps, layer_cost, storage_bits_per_
 from .blockwise import (BlockInputs, InputCollector, ModuleStats, forward_block, peak_memory_gb,
                         run_blockwise)
 from .config import QuantConfig, SpikingConfig, validate
-from .gptq import HessianAccumulator, gptq_solve
+from .gptq import gptq_solve
+from .hessian import HessianAccumulator, prepare_hessian
 from .models import FamilySpec, blocks_of, family_of, get_module
 from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
-from .saliency import hessian_column_saliency, hessian_element_saliency, inverse_hessian_cholesky
+from .saliency import hessian_column_saliency, hessian_element_saliency
 
 
 @dataclass
@@ -59,15 +60,15 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Quan
     `saliency_diag` [C_in]: diag(chol(H⁻¹)) to score saliency with instead of this H's (e.g.
     from the full-precision model, so one set of scores serves a whole allocation sweep)."""
     W = layer.weight.data
-    Hd = torch.eye(W.shape[1], device=W.device) if H is None else H.clone()
-    Hd[torch.diag(Hd) == 0, torch.diag(Hd) == 0] = 1
-    U, _ = inverse_hessian_cholesky(Hd, q.percdamp)
-    quantizer, steps, extra_bits, high_frac = _make_quantizer(
-        q, s, W.float(), U if saliency_diag is None else saliency_diag, seed)
     notes = []
+    on_damp = lambda msg: notes.append(f"{name}: {msg}")   # noqa: E731
+    ph = prepare_hessian(H, W.shape[1], W.device, q.percdamp,
+                         on_retry=None if q.actorder else on_damp)
+    quantizer, steps, extra_bits, high_frac = _make_quantizer(
+        q, s, W.float(), ph.U if saliency_diag is None else saliency_diag, seed)
     res = gptq_solve(W, H, quantizer, blocksize=q.blocksize, percdamp=q.percdamp,
                      actorder=q.actorder, error_feedback=q.method != "rtn",
-                     on_damp=lambda msg: notes.append(f"{name}: {msg}"))
+                     on_damp=on_damp, prepared=ph)
     for n in notes:
         log(n)
     layer.weight.data = res.Q.to(W.dtype)
@@ -192,10 +193,7 @@ def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: f
         with InputCollector(firsts, lambda n, x: hessians[n].add_batch(x)):
             forward_block(block, inputs, batch_size, collect_only=True)
         for group in spec.sequential:
-            H = hessians[group[0]].H.clone()
-            dead = torch.diag(H) == 0
-            H[dead, dead] = 1
-            U, _ = inverse_hessian_cholesky(H, percdamp)
+            U = prepare_hessian(hessians[group[0]].H, percdamp=percdamp).U
             for name in group:
                 out[f"{i}.{name}"] = torch.diag(U).float().cpu()
         return []

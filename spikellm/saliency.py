@@ -57,33 +57,6 @@ def kv_saliency(x1: torch.Tensor, x2: torch.Tensor, operand: str) -> torch.Tenso
     raise ValueError("operand must be 'k' or 'v'")
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6,
-                             on_retry=None) -> tuple[torch.Tensor, float]:
-    """U = chol(H⁻¹) upper for H + λ·mean(diag H)·I, raising λ tenfold on failure.
-
-    H [C, C] (float32/64, dead channels already handled). Returns (U, λ used). `on_retry(msg)`
-    is told about each retry. If every damping fails, U = I / sqrt(mean diag H) (no error
-    feedback: round-to-nearest for this layer) and λ = inf; the run never crashes here."""
-    damp = percdamp
-    mean_diag = torch.diag(H).abs().mean().clamp_min(1e-8)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(max_tries):
-        try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            # the reference GPTQ's exact sequence of ops (bit-identical results)
-            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-            if torch.isfinite(U).all():
-                return U, damp
-        except torch.linalg.LinAlgError:
-            pass
-        damp = damp * 10 if damp > 0 else 1e-4
-        if on_retry is not None:
-            on_retry(f"Cholesky failed, retrying with damping {damp:g}")
-    if on_retry is not None:
-        on_retry("Cholesky failed at every damping: this layer falls back to round-to-nearest")
-    return eye / mean_diag.sqrt(), float("inf")
-
-
 def _diag(U: torch.Tensor) -> torch.Tensor:
     return (torch.diag(U) if U.dim() == 2 else U).float().to(U.device)
 

@@ -5,7 +5,7 @@ from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.gptq import HessianAccumulator, gptq_solve, reconstruction_error
 from spikellm.models import blocks_of, get_module
 from spikellm.quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
-from spikellm.saliency import inverse_hessian_cholesky
+from spikellm.hessian import inverse_hessian_cholesky
 
 
 def _rtn(W, bits, group_size=0):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from spikellm.allocation import allocate_steps, layer_cost, n_salient, salient_mask, total_cost
-from spikellm.saliency import (activation_saliency, hessian_column_saliency,
-                               inverse_hessian_cholesky, kv_saliency)
+from spikellm.hessian import inverse_hessian_cholesky
+from spikellm.saliency import activation_saliency, hessian_column_saliency, kv_saliency
 
 
 def test_activation_saliency_is_invariant_to_equivalent_smoothing():
