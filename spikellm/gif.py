@@ -31,13 +31,20 @@ def gif_bits(binary_steps: int, levels: int) -> float:
 
 # ----------------------------------------------------------------------------- activations
 
-def per_token_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max range over the last dim: x [..., C] -> scale, zero_point [..., 1]."""
-    xmin = x.amin(-1, keepdim=True)
-    xmax = x.amax(-1, keepdim=True)
-    scale = ((xmax - xmin) / (2 ** bits - 1)).clamp(1e-5, 1e4)
+def range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one asymmetric affine grid of the activation, KV and LWC weight quantizers: the
+    range [xmin, xmax] on 2**bits levels -> (scale, zero point), both shaped like xmin/xmax.
+    The zero point is rounded without a gradient, as OmniQuant's quantizer does. (The GPTQ
+    family's `quantizers.UniformQuantizer` keeps GPTQ's own find_params: the range always
+    includes 0 and the scale is unclamped, bit-equal to the reference solver.)"""
+    scale = ((xmax - xmin) / (2 ** bits - 1)).clamp(min=1e-5, max=1e4)
     zero = (-xmin / scale).clamp(-1e4, 1e4).round()
     return scale, zero
+
+
+def per_token_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max range over the last dim: x [..., C] -> scale, zero_point [..., 1]."""
+    return range_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gif import fake_quant, gif_fake_quant
+from .gif import fake_quant, gif_fake_quant, range_params
 
 #: OmniQuant's initial LWC logit: sigmoid(4) = 0.982 of the min/max range
 LWC_INIT = 4.0
@@ -60,14 +60,6 @@ class GIFActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, addbit={self.addbit}, salient={int(self.salient.sum())}/{self.salient.numel()}"
-
-
-def range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric grid of a given range: (scale, zero point), both shaped like xmin/xmax. The
-    zero point is rounded without a gradient, as OmniQuant's quantizer does."""
-    scale = ((xmax - xmin) / (2 ** bits - 1)).clamp(min=1e-5, max=1e4)
-    zero = (-xmin / scale).clamp(-1e4, 1e4).round()
-    return scale, zero
 
 
 class StaticRangeActQuantizer(nn.Module):
