@@ -1,4 +1,5 @@
-"""The local results store: content-keyed JSON/tensor caches and atomically written run records."""
+"""Small store helpers: the content key of JSON-serialisable parts and atomically written JSON
+(run records, stage states). Artifacts themselves live in `pipelines.artifacts`."""
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def content_key(*parts: Any) -> str:
@@ -27,26 +26,3 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def save_tensor(path: Path, t) -> None:
-    """Atomically torch.save a tensor (or a dict of tensors)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(t, tmp)
-    os.replace(tmp, path)
-
-
-def load_tensor(path: Path):
-    try:
-        return torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return None
