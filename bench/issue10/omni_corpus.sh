@@ -4,17 +4,8 @@
 # are the ones omni_w4a4.sh cached in the same store (run it first, same OUT and SEEDS).
 #   SEEDS="1 2 3" SPIKELLM_DATA_DIR=../shared/data bash bench/issue10/omni_corpus.sh
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/issue10_omni}
-PY=${PY:-.venv/bin/python}
-SEEDS=${SEEDS:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-DATA=${SPIKELLM_DATA_DIR:?set SPIKELLM_DATA_DIR}
-common="launcher=local logger=none progress=false paths.outputs=$OUT quant=omniquant quant.wbits=4 quant.abits=4 quant.epochs=2 calib.nsamples=8 calib.seqlen=256"
-S="quant.let_lr=0.001 quant.alpha=0.75 quant.aug_loss=false"
-O="quant.let_lr=0.005 quant.alpha=0.5 quant.aug_loss=true"
+source "$(dirname "$0")/omni_recipe.sh"
 CORPUS="eval.split=test eval.datasets=[$DATA/ptb/ptb.test.txt,c4] eval.max_windows=8 eval.seqlen=512"
-sweep() { $PY -m pipelines.run -m $common "$@"; }
 for s in $SEEDS; do
   sweep calib.seed=$s quant.seed=$s $CORPUS quant.k_axis=token spiking=none,t2,t4 $S
   sweep calib.seed=$s quant.seed=$s $CORPUS quant.k_axis=token spiking=t2 spiking.select=random $S

@@ -7,18 +7,9 @@
 #   O = OmniQuant's own LLaMA-1 W4A4 (scripts/llama/llama-7b/w4a4.sh): let_lr 5e-3, alpha 0.5, aug_loss
 #   SEEDS="1 2 3" SPIKELLM_DATA_DIR=../shared/data bash bench/issue10/omni_w4a4.sh
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/issue10_omni}
-PY=${PY:-.venv/bin/python}
-SEEDS=${SEEDS:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-: "${SPIKELLM_DATA_DIR:?set SPIKELLM_DATA_DIR}"
-common="launcher=local logger=none progress=false paths.outputs=$OUT quant=omniquant quant.wbits=4 quant.abits=4 quant.epochs=2 calib.nsamples=8 calib.seqlen=256"
-S="quant.let_lr=0.001 quant.alpha=0.75 quant.aug_loss=false"
-O="quant.let_lr=0.005 quant.alpha=0.5 quant.aug_loss=true"
+source "$(dirname "$0")/omni_recipe.sh"
 DEV="eval.split=dev eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
 TEST="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
-sweep() { $PY -m pipelines.run -m $common "$@"; }
 # Order: the causal (token) rows for every seed first, then the per-channel K rows.
 for s in $SEEDS; do
   for ev in "$DEV" "$TEST"; do
