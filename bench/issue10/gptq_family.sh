@@ -5,8 +5,9 @@
 # split (16 x 512), WikiText-2 test (first 16 x 512) and a second corpus (PTB test as a text
 # file, C4 validation; 8 x 512 each). Quantized models are cached and shared by the evaluations.
 #   SPIKELLM_DATA_DIR=../shared/data bash bench/issue10/gptq_family.sh 0    (and 64)
-# Order: seed 0 for every method; then seeds 1, 2 for the seeded methods (RTN reads no
-# calibration data, so its seeds are identical); then the second corpus.
+#   SEEDS="2" ... runs only those calibration seeds (default "0 1 2"), e.g. to add a seed.
+# Order: per seed in SEEDS, dev then test (seed 0 adds RTN: it reads no calibration data, so
+# its seeds are identical); then the second corpus for the same seeds.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 G=${1:?group size}
@@ -25,8 +26,10 @@ ternary() { $PY -m pipelines.run -m $common calib.seed=$1 ${@:2} quant=gptq spik
               spiking.granularity=element,column spiking.select=saliency,random; }
 all()     { rtn "$@"; gptq "$@"; pbllm "$@"; ternary "$@"; }
 seeded()  { gptq "$@"; pbllm "$@"; ternary "$@"; }
-all 0 $DEV
-all 0 $TEST
-for s in 1 2; do seeded $s $DEV; seeded $s $TEST; done
-all 0 $CORPUS
-for s in 1 2; do seeded $s $CORPUS; done
+SEEDS=${SEEDS:-0 1 2}
+for s in $SEEDS; do
+  if [ "$s" = 0 ]; then all 0 $DEV; all 0 $TEST; else seeded $s $DEV; seeded $s $TEST; fi
+done
+for s in $SEEDS; do
+  if [ "$s" = 0 ]; then all 0 $CORPUS; else seeded $s $CORPUS; fi
+done
