@@ -119,6 +119,12 @@ def method_configs(cfg) -> tuple[QuantConfig, SpikingConfig]:
     return QuantConfig(**m["quant"]), SpikingConfig(**m["spiking"])
 
 
+def _energy_keys(cfg) -> dict:
+    """The assumed per-operation energies the quantize stage's cost/energy_* are computed from
+    (`energy.source` is only their label)."""
+    return {"energy": {k: v for k, v in _sel(cfg, "energy")["energy"].items() if k != "source"}}
+
+
 def _runtime(cfg) -> dict:
     """Every stage: the code that computes it and the libraries whose kernels it runs on."""
     return {"code": code_digest(), "versions": library_versions(), "device": _device(cfg)}
@@ -132,7 +138,7 @@ STAGE_INPUTS = {
                         **_runtime(c)},
     "act_stats": lambda c: {"model": _model_id(c), **_sel(c, "batch_size"), **_runtime(c)},
     "quantize": lambda c: {"model": _model_id(c), **_sel(c, "batch_size", "save_model"),
-                           **_method_keys(c), **_runtime(c)},
+                           **_method_keys(c), **_energy_keys(c), **_runtime(c)},
     "evaluate": lambda c: {**_eval_keys(c), **_runtime(c)},
     "evaluate_fp": lambda c: {"model": _model_id(c), **_eval_keys(c), **_runtime(c)},
 }

@@ -119,9 +119,8 @@ def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
         "sweep": str(sweep_dir),
         "notes": json.loads(q.file("notes.json").read_text()) if q.file("notes.json").exists() else [],
     }
+    # per-layer detail; the totals (cost/energy_*) are the quantize stage's own metrics
     manifest["energy"] = energy_estimate(cfg, q.file("layer_costs.json"))
-    if manifest["energy"]:
-        metrics.update({f"cost/{k}": v for k, v in manifest["energy"]["total"].items()})
     run_dir.mkdir(parents=True, exist_ok=True)
     stats = q.file("module_stats.json")
     if stats.exists():
@@ -134,12 +133,14 @@ def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
 def energy_estimate(cfg, layer_costs: Path) -> dict:
     """Per-layer and total energy per token (pJ) of the quantized linears from the quantize
     artifact's layer costs and the `energy.*` constants, which are assumptions (labelled so)."""
-    from spikellm.allocation import EnergyModel, LayerCost, energy_cost, layer_energy
+    from spikellm.allocation import LayerCost, energy_cost, layer_energy
+
+    from .stages import energy_model
     if not layer_costs.exists():
         return {}
     layers = [LayerCost(**r) for r in json.loads(layer_costs.read_text())]
+    e = energy_model(cfg)
     constants = {k: float(v) for k, v in cfg.energy.items() if k != "source"}
-    e = EnergyModel(**constants)
     return {"assumption": f"per-operation energies in pJ from {cfg.energy.source}", "constants_pj": constants,
             "total": energy_cost(layers, e),
             "layers": [{"name": c.name, "ace": c.ace, "additive_fraction": c.additive_fraction,

@@ -83,15 +83,20 @@ def _calib_ids(deps) -> torch.Tensor:
     return torch.load(deps["calibrate"].file("ids.pt"), weights_only=True)
 
 
+def _fp_model(cfg):
+    """The full-precision model a statistics pass reads -> (model, stream or None): whole in
+    memory, or with `model.stream` one block at a time from the checkpoint's shards."""
+    if not cfg.model.stream:
+        return load(cfg).model, None
+    from spikellm.streaming import open_streaming
+    stream = open_streaming(_local_source(cfg), None, cfg.model.dtype, resolve_device(cfg.device))
+    return stream.model, stream
+
+
 def score(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """-> diags.pt: {"<block>.<linear>": diag(chol(H⁻¹)) [C_in]} from full-precision activations."""
     t0 = time.time()
-    if cfg.model.stream:
-        from spikellm.streaming import open_streaming
-        stream = open_streaming(_local_source(cfg), None, cfg.model.dtype, resolve_device(cfg.device))
-        model = stream.model
-    else:
-        stream, model = None, load(cfg).model
+    model, stream = _fp_model(cfg)
     diags = fp_saliency_diagonals(model, _calib_ids(deps), cfg.quant.percdamp, cfg.batch_size,
                                   resolve_device(cfg.device), cfg.progress, stream=stream)
     if stream is not None:
@@ -104,50 +109,85 @@ def act_stats(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """-> act_scales.safetensors: per-channel max |x| of every linear input of the full-precision
     model on the calibration set (where OmniQuant's LET starts), shared by a sweep's points."""
     from spikellm.omniquant import activation_absmax
-    lm = load(cfg)
     t0 = time.time()
-    stats = activation_absmax(lm.model, _calib_ids(deps), resolve_device(cfg.device),
-                              cfg.batch_size, cfg.progress)
+    model, stream = _fp_model(cfg)
+    stats = activation_absmax(model, _calib_ids(deps), resolve_device(cfg.device),
+                              cfg.batch_size, cfg.progress, stream=stream)
+    if stream is not None:
+        stream.close()
     save_file({k: v.contiguous() for k, v in stats.items()}, str(out / "act_scales.safetensors"))
     return {"time/act_stats_s": time.time() - t0}
 
 
 def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None = None,
                    **_) -> dict:
-    """-> weights.safetensors (the quantized blocks), module_stats.json, notes.json.
+    """-> weights.safetensors (every tensor of the quantized blocks: weights, norms, the
+    quantizers' masks), module_stats.json, layer_costs.json, notes.json (+ omni_params.safetensors
+    for methods that learn parameters); with `model.stream`, model/ instead of weights.safetensors.
 
     Each finished block is committed to `checkpoint`; a re-run after a kill, preemption or
     time limit resumes after the last committed block."""
-    if cfg.quant.method == "omniquant":
-        return _omniquant_stage(cfg, deps, out, checkpoint)
     if cfg.model.stream:
         return _streamed_quantize(cfg, deps, out, checkpoint)
     lm = load(cfg)
     metrics = _quantize_and_report(cfg, deps, out, lm.model, checkpoint, "")
-    save_file(_block_linear_weights(lm), str(out / "weights.safetensors"))
+    save_file(_block_tensors(lm), str(out / "weights.safetensors"))
     _save_model(cfg, lm, out)
     return metrics
 
 
+def _describe(cfg, calib: torch.Tensor) -> str:
+    q, s = cfg.quant, cfg.spiking
+    if q.method == "omniquant":
+        return (f"W{q.wbits}A{q.abits} spiking={s.mode}"
+                + (f" (ratio {s.ratio}, addbit {s.addbit}, {s.select})" if s.mode == "gif" else "")
+                + f", {q.epochs} epoch(s) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+    return (f"(wbits={q.wbits}) spiking={s.mode} on {calib.shape[0]} x {calib.shape[1]} "
+            f"calibration tokens")
+
+
 def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, checkpoint: Path | None,
                          origin: str, stream=None) -> dict:
-    """The GPTQ-family run on `model` (whole or streamed) -> module_stats.json, layer_costs.json,
-    notes.json in `out`, and the stage's metrics."""
+    """The method's run on `model` (whole or streamed) -> module_stats.json, layer_costs.json,
+    notes.json (and omni_params.safetensors when it learned parameters) in `out`, and the
+    stage's metrics: cost/* (steps, ACE, storage bits, energy per token), time, memory."""
     device = resolve_device(cfg.device)
-    diags = torch.load(deps["score"].file("diags.pt"), weights_only=True) if "score" in deps else None
     calib = _calib_ids(deps)
-    say(f"quantizing {cfg.model.name}{origin}: quant={cfg.quant.method} (wbits={cfg.quant.wbits}) "
-        f"spiking={cfg.spiking.mode} on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+    options = {}
+    if "score" in deps:
+        options["saliency_diags"] = torch.load(deps["score"].file("diags.pt"), weights_only=True)
+    if "act_stats" in deps:
+        options["act_absmax"] = load_file(str(deps["act_stats"].file("act_scales.safetensors")))
+    say(f"quantizing {cfg.model.name}{origin}: quant={cfg.quant.method} {_describe(cfg, calib)}")
     q, s = method_configs(cfg)
-    report = quantize(model, calib, q, s, batch_size=cfg.batch_size, device=device,
-                      progress=cfg.progress, log=say, saliency_diags=diags,
-                      checkpoint_dir=checkpoint, stream=stream)
+    report = quantize(model, calib.to(device), q, s, batch_size=cfg.batch_size, device=device,
+                      progress=cfg.progress, log=say, checkpoint_dir=checkpoint, stream=stream,
+                      **options)
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
+    if report.params:
+        save_file({k: v.contiguous() for k, v in report.params.items()}, str(out / "omni_params.safetensors"))
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
+    metrics.update(energy_metrics(cfg, report.costs))
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
+    if q.epochs and report.params:
+        metrics["time/block_epoch_s"] = report.seconds / max(1, len(report.stats)) / q.epochs
     return metrics
+
+
+def energy_model(cfg):
+    """The ASSUMED per-operation energies `energy.*` (pJ) as an `allocation.EnergyModel`."""
+    from spikellm.allocation import EnergyModel
+    return EnergyModel(**{k: float(v) for k, v in cfg.energy.items() if k != "source"})
+
+
+def energy_metrics(cfg, costs: list) -> dict:
+    """cost/energy_pj, cost/energy_fp16_pj, cost/energy_rel_fp16 (linear layers, per token) from
+    the layer costs and the assumed constants `energy.*`: computed with the stage, so they are
+    logged with it."""
+    from spikellm.allocation import energy_cost
+    return {f"cost/{k}": v for k, v in energy_cost(costs, energy_model(cfg)).items()}
 
 
 def _local_source(cfg) -> str:
@@ -164,7 +204,8 @@ def _local_source(cfg) -> str:
 def _streamed_quantize(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None) -> dict:
     """`model.stream=true`: blocks stream from the checkpoint's shards one at a time and the
     quantized blocks are written as they finish -> model/ (a sharded safetensors checkpoint that
-    transformers loads), module_stats.json, layer_costs.json, notes.json."""
+    transformers loads; the quantizers' buffers ride along), module_stats.json,
+    layer_costs.json, notes.json."""
     from transformers import AutoTokenizer
 
     from spikellm.streaming import open_streaming
@@ -193,56 +234,12 @@ def _save_model(cfg, lm: LoadedModel, out: Path) -> None:
         lm.tokenizer.save_pretrained(out / "model")
 
 
-def _omniquant_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None) -> dict:
-    """OmniQuant (+ GIF spiking): -> weights.safetensors with every block tensor (folded
-    weights, norms, activation/KV masks), omni_params.safetensors (LET scales, LWC factors,
-    per-epoch losses), module_stats.json."""
-    from spikellm.omni_cost import cost_summary, omniquant_layer_costs
-    from spikellm.omniquant import omniquant
-    if cfg.model.stream:
-        say("note: model.stream applies to the GPTQ-family pipelines; OmniQuant loads the whole model "
-            "(its blocks train on the device one at a time)")
-    lm = load(cfg)
-    device = resolve_device(cfg.device)
-    calib = _calib_ids(deps)
-    q, s = method_configs(cfg)
-    say(f"omniquant {cfg.model.name}: W{q.wbits}A{q.abits} spiking={s.mode}"
-        + (f" (ratio {s.ratio}, addbit {s.addbit}, {s.select})" if s.mode == "gif" else "")
-        + f", {q.epochs} epoch(s) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
-    t0 = time.time()
-    absmax = load_file(str(deps["act_stats"].file("act_scales.safetensors"))) if "act_stats" in deps else None
-    stats, params = omniquant(lm.model, calib.to(device), q, s, device=device,
-                              batch_size=cfg.batch_size, progress=cfg.progress,
-                              checkpoint_dir=checkpoint, log=say, act_absmax=absmax)
-    seconds = time.time() - t0
-    save_file(_block_tensors(lm), str(out / "weights.safetensors"))
-    save_file({k: v.contiguous() for k, v in params.items()}, str(out / "omni_params.safetensors"))
-    (out / "module_stats.json").write_text(json.dumps([r.row() for r in stats], indent=1))
-    layers, base = omniquant_layer_costs(lm.model, q, s)
-    _write_layer_costs(out, layers)
-    _save_model(cfg, lm, out)
-    metrics = {f"cost/{k}": v for k, v in cost_summary(layers, base).items()}
-    metrics.update({"time/quantize_s": seconds, "mem/peak_gb": peak_memory_gb(device),
-                    "time/block_epoch_s": seconds / max(1, len(stats)) / max(1, q.epochs)})
-    return metrics
-
-
 def _block_tensors(lm: LoadedModel) -> dict[str, torch.Tensor]:
     """Every tensor of every block (parameters and buffers such as the salient masks)."""
     out = {}
     for i, block in enumerate(blocks_of(lm.model, lm.spec)):
         for k, v in block.state_dict().items():
             out[f"{lm.spec.blocks}.{i}.{k}"] = v.detach().contiguous().cpu()
-    return out
-
-
-def _block_linear_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    blocks_path = lm.spec.blocks
-    out = {}
-    for i, block in enumerate(blocks_of(lm.model, lm.spec)):
-        for name in lm.spec.linears():
-            out[f"{blocks_path}.{i}.{name}.weight"] = \
-                block.get_submodule(name).weight.detach().contiguous().cpu()
     return out
 
 
@@ -304,18 +301,20 @@ def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
 
 
 def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
-    """Perplexities (and zero-shot accuracies) of the quantized model: the checkpoint's linears
-    replaced by the quantize artifact's weights, or, for a streamed quantize (no
-    weights.safetensors), the quantized checkpoint it wrote to model/."""
+    """Perplexities (and zero-shot accuracies) of the quantized model: the checkpoint with its
+    blocks replaced by the quantize artifact's tensors (weights.safetensors), or, for a streamed
+    quantize, the quantized checkpoint it wrote to model/. Either way the method first restores
+    the runtime modules it needs (e.g. OmniQuant's activation and KV quantizers), whose saved
+    buffers (salient masks, K ranges) then load too."""
+    from spikellm.methods import make_method, restore_quantized
     q = deps["quantize"]
     if not q.file("weights.safetensors").exists():   # streamed: model/ is the quantized checkpoint
         lm = load_model(str(q.file("model")), cfg.model.dtype, resolve_device(cfg.device),
                         _device_map(cfg, whole_model=True))
+        restore_quantized(lm.model, lm.spec, *method_configs(cfg), q.file("model"))
         return _scores(cfg, lm, "quant")
     lm = load(cfg, whole_model=True)
-    if cfg.quant.method == "omniquant":   # runtime activation/KV quantizers whose masks load below
-        from spikellm.omniquant import wrap_for_inference
-        wrap_for_inference(lm.model, *method_configs(cfg))
+    make_method(*method_configs(cfg), lm.spec).restore_for_inference(lm.model)
     weights = load_file(str(q.file("weights.safetensors")))
     missing = lm.model.load_state_dict(
         {k: v if v.dtype == torch.bool else v.to(lm.model.dtype) for k, v in weights.items()},

@@ -1,9 +1,12 @@
-"""The sequential block-wise engine both pipelines run on.
+"""The one sequential block-wise engine every method runs on (method.md §4, §5).
 
-Capture the inputs of decoder block 0 for every calibration sample, then per block: run an
-algorithm on it (which may quantize its linears), recompute the block's outputs with the
-result, and hand them on as the next block's inputs. Per-module statistics (loss, time,
-memory) are collected in `ModuleStats` rows.
+Capture the inputs of decoder block 0 for every calibration sample, then per block: onload it
+(from memory, or streamed from the checkpoint's shards), hand it to a method plug-in (a
+`BlockMethod`: RTN, GPTQ, PB-LLM, ternary spiking, OmniQuant/SpikeLLM, or a statistics pass)
+which changes it in place, propagate the named activation streams (e.g. "hidden", or "fp" and
+"q" for OmniQuant's full-precision and quantized-prefix inputs) to the next block, commit the
+block to the checkpoint, write it back and offload it. Progress, resume after a kill and the
+per-module statistics (loss, time, memory: `ModuleStats`) and per-layer costs live here, once.
 """
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import resource
 import sys
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .allocation import LayerCost
 from .embedded import sha256_file
 from .models import FamilySpec, blocks_of
 
@@ -155,7 +159,66 @@ class InputCollector:
         self.remove()
 
 
-BlockAlgorithm = Callable[[int, nn.Module, BlockInputs], list[ModuleStats]]
+@dataclass
+class BlockResult:
+    """What a method did to one block."""
+    #: per-module statistics rows (module_stats.json)
+    rows: list[ModuleStats] = field(default_factory=list)
+    #: per linear layer and token: steps, ACE, storage bits (layer_costs.json)
+    costs: list[LayerCost] = field(default_factory=list)
+    #: the next block's inputs per stream name, each [N, seqlen, hidden]; None: the engine runs
+    #: every stream through the processed block
+    streams: dict[str, torch.Tensor] | None = None
+    #: tensors checkpointed with the block and returned by the engine (e.g. learned LET scales)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class BlockMethod:
+    """The plug-in protocol of the engine: prepare -> process every block -> finalize.
+
+    A method subclasses this, sets the class attributes and overrides `process` (and, where it
+    needs them, the other hooks). The engine never looks inside a method."""
+    #: progress-bar label
+    desc: str = "quantize"
+    #: names of the activation streams; every stream starts as block 0's inputs
+    streams: tuple[str, ...] = ("hidden",)
+    #: False: the method reads no activations (plain RTN); no calibration forward is run
+    needs_inputs: bool = True
+
+    def __init__(self):
+        #: set by the engine: a short status (e.g. the epoch loss) for the progress bar
+        self.status: Callable[[str], None] = lambda msg: None
+
+    def prepare(self, model: nn.Module, spec: FamilySpec) -> None:
+        """Before the first block (also on resume): e.g. seed, swap attention implementations."""
+
+    def restore(self, block: nn.Module) -> None:
+        """Before a checkpointed block's state loads into `block` (e.g. wrap its linears so the
+        saved quantizer buffers fit)."""
+
+    def process(self, i: int, block: nn.Module, inputs: dict[str, BlockInputs]) -> BlockResult:
+        """Quantize (or measure) block i in place; `inputs` maps stream name -> its BlockInputs."""
+        raise NotImplementedError
+
+    def finalize(self, model: nn.Module, spec: FamilySpec) -> None:
+        """After the last block (e.g. switch the KV cache off)."""
+
+    def baseline_ace(self, c: LayerCost) -> float:
+        """ACE of layer `c` as the method's one-step baseline (for cost/ace_rel_baseline)."""
+        return c.ace
+
+    def restore_for_inference(self, model: nn.Module) -> None:
+        """Give a freshly loaded model the runtime modules this method's quantized model has
+        (e.g. activation quantizers), so that its saved tensors, buffers included, load back."""
+
+
+@dataclass
+class EngineResult:
+    """Every block's rows, costs and extras, in block order (restored blocks included)."""
+    stats: list[ModuleStats]
+    costs: list[LayerCost]
+    extras: list[dict]
+    seconds: float
 
 
 #: written by the caller into a checkpoint directory (e.g. {"key": stage key, "code": digest}):
@@ -193,9 +256,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def save_block_checkpoint(ckpt: Path, i: int, block: nn.Module, streams: dict[str, torch.Tensor],
-                          stats: list[ModuleStats], extra: dict | None = None) -> None:
+                          stats: list[ModuleStats], extra: dict | None = None,
+                          costs: list[LayerCost] | None = None) -> None:
     """Commit block i: `block-i.pt` (its state; streamed blocks on meta are already on disk and
-    are left out; the stats so far; `extra`, e.g. learned parameters), `streams-i.pt` (the
+    are left out; the stats and layer costs so far; `extra`, e.g. learned parameters), `streams-i.pt` (the
     activation `streams` the next block starts from, e.g. {"hidden": [N, L, h]}), then the header
     `block-i.json` (block index, both SHA-256s, the directory's tag), which is the commit mark.
     Each file is fsynced and renamed into place. Only the two newest blocks keep their streams
@@ -252,15 +316,17 @@ def _streams_ok(ckpt: Path, i: int) -> bool:
 
 def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
                           prepare: Callable[[nn.Module], None] | None = None, log=None
-                          ) -> tuple[int, dict[str, torch.Tensor], list[ModuleStats], list[dict]]:
+                          ) -> tuple[int, dict[str, torch.Tensor], list[ModuleStats], list[dict],
+                                     list[LayerCost]]:
     """Restore the committed blocks 0..k (after `prepare(block)`, e.g. wrapping its linears so the
-    saved buffers fit) -> (k+1, the streams block k+1 starts from, stats, every block's extra).
+    saved buffers fit) -> (k+1, the streams block k+1 starts from, stats, every block's extra,
+    layer costs).
 
     Blocks are checked in order (header, checksum, tag); the first bad one and every block after
     it are discarded with one line, and the run resumes from the newest good block whose streams
     file is intact (or from the start)."""
     if ckpt is None or not ckpt.exists():
-        return 0, {}, [], []
+        return 0, {}, [], [], []
     tag = _ckpt_tag(ckpt)
     found = sorted({int(p.stem.split("-")[1]) for p in ckpt.glob("block-*.pt")} |
                    {int(p.stem.split("-")[1]) for p in ckpt.glob("block-*.json")})
@@ -283,7 +349,7 @@ def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
             for name in (f"block-{i:05d}.pt", f"block-{i:05d}.json", f"streams-{i:05d}.pt"):
                 (ckpt / name).unlink(missing_ok=True)
     if resume < 0:
-        return 0, {}, [], []
+        return 0, {}, [], [], []
     extras = []
     for i in range(resume + 1):
         data = torch.load(ckpt / f"block-{i:05d}.pt", weights_only=True)
@@ -293,45 +359,60 @@ def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
             blocks[data["block"]].load_state_dict(data["state"])
         extras.append(data.get("extra", {}))
     streams = torch.load(ckpt / f"streams-{resume:05d}.pt", weights_only=True)
-    return resume + 1, streams, [ModuleStats(**r) for r in data["stats"]], extras
+    return (resume + 1, streams, [ModuleStats(**r) for r in data["stats"]], extras,
+            [LayerCost(**r) for r in data.get("costs", [])])
 
 
-def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, algorithm: BlockAlgorithm,
+def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method: BlockMethod,
                   device="cpu", batch_size: int = 8, progress: bool = True,
-                  desc: str = "quantize", checkpoint_dir: str | os.PathLike | None = None,
-                  log=None, stream=None) -> list[ModuleStats]:
-    """Capture block-0 inputs for ids [N, seqlen], then per block: `algorithm(i, block, inputs)`
-    (which changes the block in place and returns stats rows), recompute the outputs, move on.
-    A progress bar per block shows the block's summed loss and elapsed time.
+                  checkpoint_dir: str | os.PathLike | None = None, log=None, stream=None
+                  ) -> EngineResult:
+    """Run `method` over every block of `model` on calibration ids [N, seqlen].
 
-    With `checkpoint_dir`, every finished block is committed there (its weights and the next
-    block's inputs), and a later call with the same directory resumes after the last committed
-    block with the same result as an uninterrupted run.
+    Captures block-0 inputs (unless the method needs none), then per block: onload (with
+    `stream`, a `streaming.BlockStream`, the block is materialized from the checkpoint shards;
+    otherwise it is in memory), `method.process`, propagate its streams (the method's own, or
+    every stream through the processed block), write back and offload (`stream.release`), commit
+    to `checkpoint_dir`. A progress bar per block shows the block's summed loss and elapsed time.
 
-    With `stream` (a `streaming.BlockStream`), blocks live on the meta device until their turn:
-    each is materialized from the checkpoint shards, processed, written out and released."""
+    With `checkpoint_dir`, every finished block is committed there (its weights, the next
+    block's streams, the stats, costs and extras so far), and a later call with the same directory
+    resumes after the last committed block with the same result as an uninterrupted run."""
     from tqdm.auto import tqdm
 
+    t_start = time.time()
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     blocks = blocks_of(model, spec)
-    start, streams, stats, _ = load_block_checkpoint(ckpt, blocks, log=log)
-    inputs = capture_block_inputs(model, spec, ids if start == 0 else ids[:1], device)
-    if start:
-        inputs = BlockInputs(hidden=streams["hidden"].to(device), kwargs=inputs.kwargs)
-        if log is not None:
-            log(f"resuming after block {start - 1} from {ckpt}")
-    bar = tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
+    method.prepare(model, spec)
+    start, saved, stats, extras, costs = load_block_checkpoint(ckpt, blocks, prepare=method.restore, log=log)
+    streams: dict[str, BlockInputs] = {}
+    if method.needs_inputs:
+        inputs = capture_block_inputs(model, spec, ids if start == 0 else ids[:1], device)
+        for k, name in enumerate(method.streams):
+            hidden = (inputs.hidden if k == 0 else inputs.hidden.clone()) if start == 0 \
+                else saved[name].to(device)
+            streams[name] = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+    if start and log is not None:
+        log(f"resuming after block {start - 1} from {ckpt}")
+    bar = tqdm(range(start, len(blocks)), desc=method.desc, unit="block", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, initial=start, total=len(blocks))
-    t_start = time.time()
+    method.status = lambda msg: bar.set_postfix_str(f"{msg}, elapsed {time.time() - t_start:.0f}s")
     for i in bar:
         block = blocks[i] if stream is None else stream.materialize(i, blocks[i])
-        rows = algorithm(i, block, inputs)
-        stats.extend(rows)
-        inputs = BlockInputs(hidden=forward_block(block, inputs, batch_size), kwargs=inputs.kwargs)
+        res = method.process(i, block, streams)
+        stats.extend(res.rows)
+        costs.extend(res.costs)
+        extras.append(res.extra)
+        if method.needs_inputs:
+            nxt = res.streams if res.streams is not None else \
+                {n: forward_block(block, x, batch_size) for n, x in streams.items()}
+            streams = {n: BlockInputs(hidden=nxt[n], kwargs=x.kwargs) for n, x in streams.items()}
         if stream is not None:
             stream.release(i, block)          # written before the checkpoint names block i done
         if ckpt is not None:
-            save_block_checkpoint(ckpt, i, block, {"hidden": inputs.hidden}, stats)
-        bar.set_postfix(loss=f"{sum(r.loss for r in rows):.3g}",
+            save_block_checkpoint(ckpt, i, block, {n: x.hidden for n, x in streams.items()}, stats,
+                                  res.extra, costs)
+        bar.set_postfix(loss=f"{sum(r.loss for r in res.rows):.3g}",
                         elapsed=f"{time.time() - t_start:.0f}s")
-    return stats
+    method.finalize(model, spec)
+    return EngineResult(stats=stats, costs=costs, extras=extras, seconds=time.time() - t_start)

@@ -18,35 +18,46 @@ from .allocation import LayerCost, layer_cost, mask_bits, storage_bits_per_weigh
 from .config import QuantConfig, SpikingConfig
 
 
+def quantlinear_cost(name: str, m: nn.Module, q: QuantConfig, s: SpikingConfig
+                     ) -> tuple[LayerCost, LayerCost]:
+    """-> (the cost of one folded QuantLinear `m`, the same layer as the plain one-step W/A
+    baseline), per token."""
+    steps_per = 2 ** s.addbit if s.mode == "gif" else 1
+    t = torch.ones(m.in_features)
+    if m.act_quant is not None:
+        t = torch.where(m.act_quant.salient.reshape(-1).cpu(), float(steps_per), t)
+    t = torch.where(m.w_salient.cpu(), t * steps_per, t)
+    groups = -(-m.in_features // q.group_size) if q.group_size else 1
+    n_wsal = int(m.w_salient.sum())
+    code_bits = m.out_features * (m.in_features * q.wbits + n_wsal * (s.addbit if n_wsal else 0))
+    masks = mask_bits(m.in_features, n_wsal)
+    if m.act_quant is not None:
+        masks += mask_bits(m.in_features, int(m.act_quant.salient.sum()))
+    store = storage_bits_per_weight(m.out_features, m.in_features, code_bits,
+                                    m.out_features * groups * 2, masks)
+    cost = layer_cost(name, m.out_features, m.in_features, t, q.wbits, q.abits,
+                      storage_bits=store, scale_mults=2 * groups)
+    base = layer_cost(name, m.out_features, m.in_features, torch.ones(m.in_features),
+                      q.wbits, q.abits, scale_mults=2 * groups,
+                      storage_bits=storage_bits_per_weight(
+                          m.out_features, m.in_features, m.out_features * m.in_features * q.wbits,
+                          m.out_features * groups * 2))
+    return cost, base
+
+
+def block_layer_costs(module: nn.Module, prefix: str, q: QuantConfig, s: SpikingConfig
+                      ) -> list[tuple[LayerCost, LayerCost]]:
+    """(cost, baseline) of every QuantLinear under `module`, named `prefix` + its path."""
+    from .omniquant import QuantLinear
+    return [quantlinear_cost(prefix + name, m, q, s) for name, m in module.named_modules()
+            if isinstance(m, QuantLinear)]
+
+
 def omniquant_layer_costs(model: nn.Module, q: QuantConfig, s: SpikingConfig
                           ) -> tuple[list[LayerCost], list[LayerCost]]:
     """-> (the cost of every QuantLinear, the same layers as the plain one-step W/A baseline)."""
-    from .omniquant import QuantLinear
-    steps_per = 2 ** s.addbit if s.mode == "gif" else 1
-    layers, base = [], []
-    for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear):
-            continue
-        t = torch.ones(m.in_features)
-        if m.act_quant is not None:
-            t = torch.where(m.act_quant.salient.reshape(-1).cpu(), float(steps_per), t)
-        t = torch.where(m.w_salient.cpu(), t * steps_per, t)
-        groups = -(-m.in_features // q.group_size) if q.group_size else 1
-        n_wsal = int(m.w_salient.sum())
-        code_bits = m.out_features * (m.in_features * q.wbits + n_wsal * (s.addbit if n_wsal else 0))
-        masks = mask_bits(m.in_features, n_wsal)
-        if m.act_quant is not None:
-            masks += mask_bits(m.in_features, int(m.act_quant.salient.sum()))
-        store = storage_bits_per_weight(m.out_features, m.in_features, code_bits,
-                                        m.out_features * groups * 2, masks)
-        layers.append(layer_cost(name, m.out_features, m.in_features, t, q.wbits, q.abits,
-                                 storage_bits=store, scale_mults=2 * groups))
-        base.append(layer_cost(name, m.out_features, m.in_features, torch.ones(m.in_features),
-                               q.wbits, q.abits, scale_mults=2 * groups,
-                               storage_bits=storage_bits_per_weight(
-                                   m.out_features, m.in_features, m.out_features * m.in_features * q.wbits,
-                                   m.out_features * groups * 2)))
-    return layers, base
+    pairs = block_layer_costs(model, "", q, s)
+    return [c for c, _ in pairs], [b for _, b in pairs]
 
 
 def cost_summary(layers: list[LayerCost], base: list[LayerCost]) -> dict[str, float]:

@@ -38,15 +38,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .allocation import salient_mask
-from .blockwise import (BlockInputs, InputCollector, ModuleStats, capture_block_inputs, forward_block,
-                        load_block_checkpoint, peak_memory_gb, save_block_checkpoint)
+from .allocation import LayerCost, salient_mask
+from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, ModuleStats,
+                        forward_block, peak_memory_gb, run_blockwise)
 from .config import QuantConfig, SpikingConfig
 from .gif import integer_codes, per_token_params, spike_train
 from .hessian import HessianAccumulator, prepare_hessian
 from .let import ROLES, LETParams, fold_norms, smooth_init, transformed_weight
 from .models import FamilySpec, blocks_of, family_of, set_module
 from .omni_attention import KVQuantizer, use_spiking_attention
+from .omni_cost import block_layer_costs
 from .omni_quantizers import GIFActQuantizer, LWCWeightQuantizer
 from .saliency import ActivationSaliency, hessian_column_saliency
 
@@ -192,24 +193,36 @@ class _Stats:
         self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
 
 
+class _ActAbsmax(BlockMethod):
+    """Statistics pass: per-channel max |x| of every block linear's input; weights unchanged."""
+    desc = "act stats"
+
+    def __init__(self, batch_size: int, out: dict):
+        super().__init__()
+        self.batch_size, self.out = batch_size, out
+
+    def prepare(self, model, spec):
+        self.spec = spec
+
+    def process(self, i, block, inputs):
+        hook = _Stats()
+        with InputCollector({n: block.get_submodule(n) for n in self.spec.linears()}, hook, stop_early=False):
+            hidden = forward_block(block, inputs["hidden"], self.batch_size)
+        self.out.update({f"{i}.{n}": v.cpu() for n, v in hook.absmax.items()})
+        return BlockResult(streams={"hidden": hidden})
+
+
 @torch.no_grad()
 def activation_absmax(model: nn.Module, calib_ids: torch.Tensor, device="cpu", batch_size: int = 8,
-                      progress: bool = False) -> dict[str, torch.Tensor]:
+                      progress: bool = False, stream=None) -> dict[str, torch.Tensor]:
     """Per-channel max |x| of every linear input of the full-precision model over the
-    calibration set (OmniQuant's act_scales, which LET starts from).
+    calibration set (OmniQuant's act_scales, which LET starts from); `stream` (a read-only
+    `streaming.BlockStream`) holds one block in memory at a time.
 
     calib_ids [N, seqlen] -> {"<block>.<linear>": [C_in] float32}."""
-    from tqdm.auto import tqdm
-    spec = family_of(model)
-    inputs = capture_block_inputs(model, spec, calib_ids, device)
     out: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(tqdm(blocks_of(model, spec), desc="act stats", unit="block",
-                                   disable=not progress, file=sys.stderr)):
-        hook = _Stats()
-        with InputCollector({n: block.get_submodule(n) for n in spec.linears()}, hook, stop_early=False):
-            hidden = forward_block(block, inputs, batch_size)
-        out.update({f"{i}.{n}": v.cpu() for n, v in hook.absmax.items()})
-        inputs = BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+    run_blockwise(model, family_of(model), calib_ids, _ActAbsmax(batch_size, out), device=device,
+                  batch_size=batch_size, progress=progress, stream=stream)
     return out
 
 
@@ -402,42 +415,44 @@ def _equal_steps(q: QuantConfig, s: SpikingConfig) -> float:
     return 1.0 + s.ratio * (2 ** s.addbit - 1)
 
 
-def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: SpikingConfig,
-              device="cpu", batch_size: int = 8, progress: bool = True,
-              checkpoint_dir: str | os.PathLike | None = None, log=None,
-              act_absmax: dict[str, torch.Tensor] | None = None):
-    """Quantize `model` in place with OmniQuant (+ SpikeLLM GIF spiking when `s.mode == "gif"`).
+class OmniQuant(BlockMethod):
+    """The OmniQuant-pipeline plug-in (+ SpikeLLM GIF spiking when `s.mode == "gif"`), the
+    per-block steps 1-5 of the module docstring. Streams: "fp" (the full-precision model's
+    block inputs, the targets' source) and "q" (the quantized prefix's outputs).
 
-    calib_ids [N, seqlen]. `act_absmax` ({"<block>.<linear>": [C_in]}, `activation_absmax`) is
-    what LET starts from; without it the same maxima are taken from the full-precision pass of
-    each block. Returns (stats rows, params) where params holds the trained LET
-    scales and LWC factors per block (for inspection; the folded model does not need them)."""
-    from tqdm.auto import tqdm
+    `act_absmax` ({"<block>.<linear>": [C_in]}, `activation_absmax`) is what LET starts from;
+    without it the same maxima are taken from the full-precision pass of each block."""
+    streams = ("fp", "q")
 
-    torch.manual_seed(q.seed)
-    spec = family_of(model)
-    if q.abits < 16:
-        use_spiking_attention(model)
-    blocks = blocks_of(model, spec)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    start, streams, stats, extras = load_block_checkpoint(
-        ckpt, blocks, prepare=lambda blk: wrap_block(blk, spec, q, s, train=False), log=log)
-    fp, qh = streams.get("fp"), streams.get("q")
-    params = {k: v for e in extras for k, v in e.items()}
-    inputs = capture_block_inputs(model, spec, calib_ids if start == 0 else calib_ids[:1], device)
-    kw = inputs.kwargs
-    if start == 0:
-        fp, qh = inputs.hidden, inputs.hidden.clone()
-    else:
-        fp, qh = fp.to(device), qh.to(device)
-        if log is not None:
-            log(f"resuming after block {start - 1} from {ckpt}")
-    bar = tqdm(range(start, len(blocks)), desc=f"omniquant W{q.wbits}A{q.abits}", unit="block",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True, initial=start, total=len(blocks))
-    t_start = time.time()
-    for i in bar:
+    def __init__(self, q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int = 8,
+                 device="cpu", log=None, act_absmax: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.q, self.s, self.spec, self.batch_size = q, s, spec, batch_size
+        self.device, self.log, self.act_absmax = device, log, act_absmax
+        self.desc = f"omniquant W{q.wbits}A{q.abits}"
+
+    def prepare(self, model: nn.Module, spec: FamilySpec) -> None:
+        torch.manual_seed(self.q.seed)
+        if self.q.abits < 16:
+            use_spiking_attention(model)
+
+    def restore(self, block: nn.Module) -> None:
+        wrap_block(block, self.spec, self.q, self.s, train=False)
+
+    def finalize(self, model: nn.Module, spec: FamilySpec) -> None:
+        model.config.use_cache = False
+
+    def restore_for_inference(self, model: nn.Module) -> None:
+        wrap_for_inference(model, self.q, self.s)
+
+    def baseline_ace(self, c: LayerCost) -> float:
+        """The same W/A grid with one step everywhere (W4A4: 16 per MAC), scale multiplies included."""
+        return float(c.c_out * (c.c_in * self.q.wbits * self.q.abits + c.scale_mults * 256))
+
+    def process(self, i: int, block: nn.Module, inputs: dict[str, BlockInputs]) -> BlockResult:
+        q, s, spec, batch_size, device, log = self.q, self.s, self.spec, self.batch_size, self.device, self.log
+        fp, qh, kw = inputs["fp"].hidden, inputs["q"].hidden, inputs["fp"].kwargs
         t0 = time.time()
-        block = blocks[i]
         dtype = next(block.parameters()).dtype
         block.float()                                  # train and fold in float32
         for p in block.parameters():
@@ -455,17 +470,15 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         if s.mode == "gif" and s.ratio > 0:
             counts = _mask_pass(block, linears, BlockInputs(qh, kw), q, s, s.seed + 1000 * i, batch_size)
         start_stats = stats_hook.absmax
-        if act_absmax is not None:
-            start_stats = {n: act_absmax[f"{i}.{n}"].to(device) for n in stats_hook.absmax}
+        if self.act_absmax is not None:
+            start_stats = {n: self.act_absmax[f"{i}.{n}"].to(device) for n in stats_hook.absmax}
         let = _let_init(block, linears, start_stats, q.alpha) if q.let and q.abits < 16 else None
         _attach_let(linears, let)
         _set_quant(block, linears, True)
         fit_k_ranges(block, BlockInputs(qh, kw), batch_size)      # (a): K as LET/LWC start it
-        def epoch_progress(msg):
-            bar.set_postfix_str(f"{msg}, elapsed {time.time() - t_start:.0f}s")
         try:
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, q.amp,
-                                   epoch_progress, fp_aug=fp_aug)
+                                   self.status, fp_aug=fp_aug)
         except FloatingPointError:
             if q.nan_policy != "fp32" or device == "cpu":
                 raise
@@ -476,8 +489,8 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
             _attach_let(linears, let)
             fit_k_ranges(block, BlockInputs(qh, kw), batch_size)
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False,
-                                   epoch_progress, fp_aug=fp_aug)
-        params.update({f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()})
+                                   self.status, fp_aug=fp_aug)
+        params = {f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()}
         if let is not None:
             params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})
         _finalize(block, linears, let)
@@ -486,16 +499,28 @@ def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: Spik
         with torch.no_grad():
             q_out = forward_block(block, BlockInputs(qh, kw), batch_size)
             loss = F.mse_loss(q_out, fp_out).item()
-        fp, qh = fp_out, q_out
-        stats.append(ModuleStats(block=i, module="block", loss=loss, recon_error=loss,
-                                 seconds=time.time() - t0, samples=int(fp.shape[0]),
-                                 avg_steps=_equal_steps(q, s), damp=0.0,
-                                 peak_mem_gb=peak_memory_gb(device)))
         params[f"{i}.epoch_loss"] = torch.tensor(history or [float("nan")])
         params[f"{i}.salient_counts"] = torch.tensor(list(counts.values()) or [0])
-        if ckpt is not None:
-            save_block_checkpoint(ckpt, i, block, {"fp": fp, "q": qh}, stats,
-                                  {k: v for k, v in params.items() if k.startswith(f"{i}.")})
-        bar.set_postfix(loss=f"{loss:.3g}", elapsed=f"{time.time() - t_start:.0f}s")
-    model.config.use_cache = False
-    return stats, params
+        row = ModuleStats(block=i, module="block", loss=loss, recon_error=loss,
+                          seconds=time.time() - t0, samples=int(fp_out.shape[0]),
+                          avg_steps=_equal_steps(q, s), damp=0.0, peak_mem_gb=peak_memory_gb(device))
+        costs = [c for c, _ in block_layer_costs(block, f"{spec.blocks}.{i}.", q, s)]
+        return BlockResult(rows=[row], costs=costs, streams={"fp": fp_out, "q": q_out}, extra=params)
+
+
+def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: SpikingConfig,
+              device="cpu", batch_size: int = 8, progress: bool = True,
+              checkpoint_dir: str | os.PathLike | None = None, log=None,
+              act_absmax: dict[str, torch.Tensor] | None = None, stream=None):
+    """Quantize `model` in place with OmniQuant (+ SpikeLLM GIF spiking when `s.mode == "gif"`):
+    the `OmniQuant` plug-in on the engine (`quantize(model, ids, QuantConfig(method="omniquant"))`
+    is the same run and returns a QuantReport with costs).
+
+    calib_ids [N, seqlen]. Returns (stats rows, params) where params holds the trained LET
+    scales and LWC factors per block (for inspection; the folded model does not need them)."""
+    method = OmniQuant(q, s, family_of(model), batch_size=batch_size, device=device, log=log,
+                       act_absmax=act_absmax)
+    res = run_blockwise(model, family_of(model), calib_ids, method, device=device,
+                        batch_size=batch_size, progress=progress, checkpoint_dir=checkpoint_dir,
+                        log=log, stream=stream)
+    return res.stats, {k: v for e in res.extras for k, v in e.items()}

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .allocation import LayerCost, allocate_steps, layer_cost, storage_bits_per_weight, total_cost
-from .blockwise import (BlockInputs, InputCollector, ModuleStats, forward_block, peak_memory_gb,
-                        run_blockwise)
+from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, ModuleStats,
+                        forward_block, peak_memory_gb, run_blockwise)
 from .config import QuantConfig, SpikingConfig, validate
 from .gptq import gptq_solve
 from .hessian import HessianAccumulator, prepare_hessian
@@ -28,6 +28,8 @@ class QuantReport:
     seconds: float
     cost: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: what the method learned, per block (OmniQuant: LET scales, LWC factors, epoch losses)
+    params: dict = field(default_factory=dict)
 
 
 def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.Tensor,
@@ -90,12 +92,28 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Quan
             "damp": res.damp, "avg_steps": float(steps.float().mean()), "notes": notes}, cost
 
 
-def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int,
-                     costs: list, notes: list, log, saliency_diags: dict | None = None):
-    groups = spec.sequential if q.true_sequential else (spec.linears(),)
+class GPTQFamily(BlockMethod):
+    """The GPTQ-pipeline plug-in (method.md §5): every block linear quantized in place by
+    `quantize_linear` (RTN, GPTQ, PB-LLM, ternary spiking), in `spec.sequential` groups whose
+    Hessians come from the quantized prefix's activations (`quant.true_sequential`)."""
 
-    def algorithm(i: int, block: nn.Module, inputs: BlockInputs) -> list[ModuleStats]:
-        rows = []
+    def __init__(self, q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int = 8,
+                 log=print, saliency_diags: dict | None = None, device="cpu"):
+        """`device` is where the engine runs; the solves run where each weight lives."""
+        super().__init__()
+        self.q, self.s, self.spec, self.batch_size, self.log = q, s, spec, batch_size, log
+        self.saliency_diags = saliency_diags
+        self.notes: list[str] = []
+        self.desc = f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}"
+        # plain round-to-nearest needs no calibration activations at all
+        self.needs_inputs = not (q.method == "rtn" and s.mode == "none")
+
+    def process(self, i: int, block: nn.Module, inputs: dict[str, BlockInputs]) -> BlockResult:
+        q, s = self.q, self.s
+        x = inputs.get("hidden")
+        samples = 0 if x is None else x.hidden.shape[0]
+        groups = self.spec.sequential if q.true_sequential else (self.spec.linears(),)
+        rows, costs = [], []
         for group in groups:
             linears = {name: get_module(block, name) for name in group}
             # linears of a sequential group share their input, hence one Hessian per group
@@ -104,23 +122,23 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
             firsts = {group[0]: linears[group[0]]} if shared else linears
             hessians = {name: HessianAccumulator(m.in_features, device=m.weight.device)
                         for name, m in firsts.items()}
-            if q.method != "rtn" or s.mode == "ternary":
+            if self.needs_inputs and (q.method != "rtn" or s.mode == "ternary"):
                 with InputCollector(firsts, lambda n, x: hessians[n].add_batch(x)):
-                    forward_block(block, inputs, batch_size, collect_only=True)
+                    forward_block(block, x, self.batch_size, collect_only=True)
             for k, (name, layer) in enumerate(linears.items()):
                 t0 = time.time()
                 acc = hessians[group[0] if shared else name]
                 H = acc.H if acc.nsamples else None
-                info, cost = quantize_linear(
-                    f"{i}.{name}", layer, H, q, s, seed=s.seed * 100003 + i * 101 + k, log=log,
-                    saliency_diag=None if saliency_diags is None else saliency_diags[f"{i}.{name}"])
+                diag = None if self.saliency_diags is None else self.saliency_diags[f"{i}.{name}"]
+                info, cost = quantize_linear(f"{i}.{name}", layer, H, q, s,
+                                             seed=s.seed * 100003 + i * 101 + k, log=self.log,
+                                             saliency_diag=diag)
                 cost.name = f"{i}.{name}"
                 costs.append(cost)
-                notes.extend(info["notes"])
+                self.notes.extend(info["notes"])
                 rows.append(ModuleStats(block=i, module=name, loss=info["loss"],
                                         recon_error=info["recon_error"],
-                                        seconds=time.time() - t0,
-                                        samples=inputs.hidden.shape[0],
+                                        seconds=time.time() - t0, samples=samples,
                                         avg_steps=info["avg_steps"], damp=info["damp"],
                                         peak_mem_gb=peak_memory_gb(layer.weight.device),
                                         c_out=cost.c_out, c_in=cost.c_in, ace=cost.ace,
@@ -128,53 +146,47 @@ def _block_algorithm(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_s
                                         additive_fraction=cost.additive_fraction,
                                         storage_bits=cost.storage_bits,
                                         scale_mults=cost.scale_mults))
-        return rows
-    return algorithm
+        return BlockResult(rows=rows, costs=costs)
+
+    def baseline_ace(self, c: LayerCost) -> float:
+        """ACE of the same layer on the same grid with one step everywhere (plain W-bit, or plain
+        ternary / binary), scale multiplies included."""
+        base_bits = self.s.spike_bits if self.s.mode == "ternary" else \
+            (1.0 if self.q.method == "pbllm" else self.q.wbits)
+        return c.c_out * (c.c_in * base_bits + c.scale_mults * 16.0) * 16.0
 
 
 def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = None,
              s: SpikingConfig | None = None, batch_size: int = 8, device="cpu",
              progress: bool = True, log=print, saliency_diags: dict | None = None,
-             checkpoint_dir=None, stream=None) -> QuantReport:
-    """Quantize all decoder-block linears of `model` in place.
+             checkpoint_dir=None, stream=None, **method_kwargs) -> QuantReport:
+    """Quantize all decoder-block linears of `model` in place with the method `q.method` names
+    (the registry `spikellm.methods.METHODS`: rtn, gptq, pbllm, omniquant), on the engine.
 
     calib_ids [N, seqlen] calibration token ids. `saliency_diags` ("<block>.<linear>" ->
     diag(chol(H⁻¹)) [C_in], see `fp_saliency_diagonals`) scores spiking saliency on fixed
-    Hessians instead of the sequential ones. `checkpoint_dir` commits every finished block and
-    resumes after the last committed one (preemption, kills). Returns per-module stats and the cost of the
-    resulting allocation (equal steps, ACE relative to FP16, additive share)."""
+    Hessians instead of the sequential ones (GPTQ family). `checkpoint_dir` commits every
+    finished block and resumes after the last committed one (preemption, kills); `stream` (a
+    `streaming.BlockStream`) keeps one block in memory at a time. `method_kwargs` go to the
+    method (e.g. OmniQuant's `act_absmax`). Returns per-module stats, the cost of the result
+    (equal steps, ACE relative to FP16 and to the one-step baseline, additive share, storage
+    bits) and what the method learned (`params`)."""
+    from .methods import make_method
     q = q or QuantConfig()
     s = s or SpikingConfig()
     validate(q, s)
     spec = family_of(model)
-    costs: list[LayerCost] = []
-    notes: list[str] = []
-    t0 = time.time()
-    algorithm = _block_algorithm(q, s, spec, batch_size, costs, notes, log, saliency_diags)
-    if q.method == "rtn" and s.mode == "none":
-        # plain round-to-nearest needs no calibration activations at all
-        no_inputs = BlockInputs(hidden=calib_ids[:0], kwargs={})
-        stats = []
-        for i, block in enumerate(blocks_of(model, spec)):
-            block = block if stream is None else stream.materialize(i, block)
-            stats.extend(algorithm(i, block, no_inputs))
-            if stream is not None:
-                stream.release(i, block)
-    else:
-        stats = run_blockwise(model, spec, calib_ids, algorithm, device=device,
-                              batch_size=batch_size, progress=progress,
-                              desc=f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}",
-                              checkpoint_dir=checkpoint_dir, log=log, stream=stream)
-    # from the stats rows, so blocks restored from a checkpoint are counted too
-    costs = [LayerCost(f"{r.block}.{r.module}", r.c_out, r.c_in, r.avg_steps, r.ace, r.fp16_ace,
-                       r.additive_fraction, storage_bits=r.storage_bits, scale_mults=r.scale_mults)
-             for r in stats]
-    total = total_cost(costs)
-    # baseline: the same grid with one step everywhere (plain W-bit, or plain ternary / binary)
-    base_bits = s.spike_bits if s.mode == "ternary" else (1.0 if q.method == "pbllm" else q.wbits)
-    base = sum(c.c_out * (c.c_in * base_bits + c.scale_mults * 16.0) * 16.0 for c in costs)
+    if saliency_diags is not None:
+        method_kwargs["saliency_diags"] = saliency_diags
+    method = make_method(q, s, spec, batch_size=batch_size, device=device, log=log, **method_kwargs)
+    res = run_blockwise(model, spec, calib_ids, method, device=device, batch_size=batch_size,
+                        progress=progress, checkpoint_dir=checkpoint_dir, log=log, stream=stream)
+    total = total_cost(res.costs)
+    base = sum(method.baseline_ace(c) for c in res.costs)
     total["ace_rel_baseline"] = total["ace"] / base if base else 0.0
-    return QuantReport(stats=stats, costs=costs, seconds=time.time() - t0, cost=total, notes=notes)
+    params = {k: v for e in res.extras for k, v in e.items()}
+    return QuantReport(stats=res.stats, costs=res.costs, seconds=res.seconds, cost=total,
+                       notes=list(getattr(method, "notes", [])), params=params)
 
 
 def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: float = 0.01,
@@ -183,21 +195,31 @@ def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: f
     """diag(U), U = chol(H⁻¹), of every block linear, with H from the *full-precision* model's
     activations on calib_ids [N, seqlen]: "<block>.<linear>" -> [C_in]. Weights are unchanged.
     The Hessian saliency of any allocation (column or element) follows from it and W."""
-    spec = family_of(model)
     out: dict[str, torch.Tensor] = {}
+    run_blockwise(model, family_of(model), calib_ids, _FPSaliency(percdamp, batch_size, out),
+                  device=device, batch_size=batch_size, progress=progress, stream=stream)
+    return out
 
-    def algorithm(i: int, block: nn.Module, inputs: BlockInputs) -> list[ModuleStats]:
-        firsts = {g[0]: get_module(block, g[0]) for g in spec.sequential}
+
+class _FPSaliency(BlockMethod):
+    """Statistics pass: fills `out` with diag(chol(H⁻¹)) per linear; weights unchanged."""
+    desc = "saliency"
+
+    def __init__(self, percdamp: float, batch_size: int, out: dict):
+        super().__init__()
+        self.percdamp, self.batch_size, self.out = percdamp, batch_size, out
+
+    def prepare(self, model, spec):
+        self.spec = spec
+
+    def process(self, i, block, inputs):
+        firsts = {g[0]: get_module(block, g[0]) for g in self.spec.sequential}
         hessians = {n: HessianAccumulator(m.in_features, device=m.weight.device)
                     for n, m in firsts.items()}
         with InputCollector(firsts, lambda n, x: hessians[n].add_batch(x)):
-            forward_block(block, inputs, batch_size, collect_only=True)
-        for group in spec.sequential:
-            U = prepare_hessian(hessians[group[0]].H, percdamp=percdamp).U
+            forward_block(block, inputs["hidden"], self.batch_size, collect_only=True)
+        for group in self.spec.sequential:
+            U = prepare_hessian(hessians[group[0]].H, percdamp=self.percdamp).U
             for name in group:
-                out[f"{i}.{name}"] = torch.diag(U).float().cpu()
-        return []
-
-    run_blockwise(model, spec, calib_ids, algorithm, device=device, batch_size=batch_size,
-                  progress=progress, desc="saliency", stream=stream)
-    return out
+                self.out[f"{i}.{name}"] = torch.diag(U).float().cpu()
+        return BlockResult()

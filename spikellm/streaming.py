@@ -103,7 +103,9 @@ class BlockStream:
             block.to("meta")
             return
         p = self._prefix(i)
-        tensors = {p + k: v.detach().to("cpu", self.dtype).contiguous() for k, v in block.state_dict().items()}
+        # floating tensors in the checkpoint's dtype; masks and other integer buffers as they are
+        tensors = {p + k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in block.state_dict().items()}
         tmp = self.out / f".{self.shard_name(i)}.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.out / self.shard_name(i))

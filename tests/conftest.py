@@ -40,3 +40,22 @@ def fresh_smollm(smollm):
     state = {k: v.clone() for k, v in smollm.model.state_dict().items()}
     yield smollm
     smollm.model.load_state_dict(state)
+
+
+@pytest.fixture(scope="session")
+def src(tmp_path_factory):
+    """The embedded model's first 6 decoder blocks (real weights) as a sharded safetensors
+    checkpoint (transformers' save_pretrained, 2 shards) + tokenizer: the streaming and engine
+    tests run on it to keep CI short; the code path is the same for 30 or 80 blocks."""
+    from spikellm.embedded import embedded_checkpoint
+    from spikellm.models import load_model
+    lm = load_model(str(embedded_checkpoint()))
+    lm.model.model.layers = lm.model.model.layers[:6]
+    lm.model.config.num_hidden_layers = 6
+    lm.model.config.layer_types = lm.model.config.layer_types[:6] \
+        if getattr(lm.model.config, "layer_types", None) else None
+    d = tmp_path_factory.mktemp("ckpt")
+    lm.model.save_pretrained(d, max_shard_size="60MB")
+    lm.tokenizer.save_pretrained(d)
+    assert (d / "model.safetensors.index.json").exists()
+    return d

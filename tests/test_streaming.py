@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from spikellm.config import QuantConfig, SpikingConfig
-from spikellm.embedded import embedded_checkpoint
 from spikellm.models import blocks_of, load_model
 from spikellm.quantize import quantize
 from spikellm.streaming import materialized_parameters, open_streaming
@@ -18,22 +17,7 @@ from spikellm.streaming import materialized_parameters, open_streaming
 Q, S = QuantConfig(method="gptq", wbits=3), SpikingConfig(mode="none")
 
 
-N_BLOCKS = 6
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    """The embedded model's first N_BLOCKS blocks as a sharded safetensors checkpoint + tokenizer."""
-    lm = load_model(str(embedded_checkpoint()))
-    lm.model.model.layers = lm.model.model.layers[:N_BLOCKS]
-    lm.model.config.num_hidden_layers = N_BLOCKS
-    lm.model.config.layer_types = lm.model.config.layer_types[:N_BLOCKS] \
-        if getattr(lm.model.config, "layer_types", None) else None
-    d = tmp_path_factory.mktemp("ckpt")
-    lm.model.save_pretrained(d, max_shard_size="60MB")
-    lm.tokenizer.save_pretrained(d)
-    assert (d / "model.safetensors.index.json").exists()
-    return d
+N_BLOCKS = 6          # the `src` fixture (conftest.py): the embedded model cut to its first 6 blocks
 
 
 def _ids():

@@ -20,6 +20,8 @@ for name, q, s in [
     ("ternary element g64", QuantConfig(method="gptq", group_size=64), SpikingConfig(mode="ternary", ratio=0.2, steps=3, granularity="element", group_size=64)),
     ("rtn w3", QuantConfig(method="rtn", wbits=3), SpikingConfig()),
     ("omni w2a16 gif weights", QuantConfig(method="omniquant", wbits=2, abits=16, epochs=1, group_size=64), SpikingConfig(mode="gif", ratio=0.1, target="weight")),
+    ("omni w4a4 t2 token aug", QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1, aug_loss=True), SpikingConfig(mode="gif", ratio=0.1, steps=2)),
+    ("omni w4a4 channel_static", QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1, k_axis="channel_static"), SpikingConfig()),
 ]:
     lm = load_model(resolve_source("embedded", None))
     ids = calibration_set(lm.tokenizer, CalibSpec("wikitext2", "validation", 2, 64, 0), D)

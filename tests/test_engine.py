@@ -1,0 +1,116 @@
+"""The plug-in contract of the one block-wise engine: every registered method (RTN, GPTQ,
+PB-LLM, ternary spiking, OmniQuant/SpikeLLM W4A4 and W2A16) runs on it, resumes after a kill
+mid-block with bit-equal weights, and streamed from shards (one block in memory) gives the
+same model as the whole-model run. On the real embedded model cut to 6 blocks (`src`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikellm import methods
+from spikellm.config import QuantConfig, SpikingConfig
+from spikellm.models import blocks_of, load_model
+from spikellm.quantize import quantize
+from spikellm.streaming import materialized_parameters, open_streaming
+
+CASES = {
+    "rtn w3": (QuantConfig(method="rtn", wbits=3), SpikingConfig()),
+    "gptq w3 g64": (QuantConfig(method="gptq", wbits=3, group_size=64), SpikingConfig()),
+    "pbllm": (QuantConfig(method="pbllm"), SpikingConfig()),
+    "ternary column g64": (QuantConfig(method="gptq", group_size=64),
+                           SpikingConfig(mode="ternary", ratio=0.2, steps=3, group_size=64)),
+    "omniquant w4a4 t2": (QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1),
+                          SpikingConfig(mode="gif", ratio=0.1, addbit=1, steps=2)),
+    "omniquant w2a16 gif weights": (QuantConfig(method="omniquant", wbits=2, abits=16, epochs=1, group_size=64),
+                                    SpikingConfig(mode="gif", ratio=0.1, addbit=1, steps=2, target="weight")),
+}
+
+
+def _ids():
+    return torch.randint(0, 4000, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _run(model, q, s, **kw):
+    return quantize(model, _ids(), q, s, progress=False, log=lambda *_: None, **kw)
+
+
+def test_every_registered_method_has_a_contract_case():
+    assert {q.method for q, _ in CASES.values()} == set(methods.METHODS)
+
+
+@pytest.fixture(scope="module")
+def whole(src):
+    """name -> (state dict, report) of the whole-model run of each case."""
+    out = {}
+    for name, (q, s) in CASES.items():
+        lm = load_model(str(src))
+        report = _run(lm.model, q, s)
+        out[name] = ({k: v.clone() for k, v in lm.model.state_dict().items()}, report)
+    return out
+
+
+def _same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_method_reports_costs_for_every_linear(name, whole):
+    _, report = whole[name]
+    assert len(report.costs) == 6 * 7 and report.cost["ace"] > 0
+    assert report.cost["ace_rel_baseline"] >= 1.0 - 1e-9
+    assert report.cost["storage_bits"] < 16
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_killed_mid_block_then_resumed_equals_the_uninterrupted_run(name, whole, src, tmp_path, monkeypatch):
+    q, s = CASES[name]
+    real = methods.METHODS[q.method]
+
+    def dies_in_block_3(*a, **kw):
+        m = real(*a, **kw)
+        process = m.process
+
+        def killed(i, block, inputs):
+            res = process(i, block, inputs)       # block 3 is changed in memory ...
+            if i == 3:
+                raise KeyboardInterrupt("killed")  # ... and the process dies before committing it
+            return res
+        m.process = killed
+        return m
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setitem(methods.METHODS, q.method, dies_in_block_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(load_model(str(src)).model, q, s, checkpoint_dir=ckpt)
+    monkeypatch.setitem(methods.METHODS, q.method, real)
+    assert len(list(ckpt.glob("block-*.json"))) == 3
+    resumed = load_model(str(src))                 # a fresh process
+    report = _run(resumed.model, q, s, checkpoint_dir=ckpt)
+    _same(resumed.model.state_dict(), whole[name][0])
+    assert report.cost == whole[name][1].cost and len(report.stats) == len(whole[name][1].stats)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_streamed_from_shards_holds_one_block_and_equals_the_whole_model_run(name, whole, src, tmp_path):
+    from transformers import AutoTokenizer
+    q, s = CASES[name]
+    stream = open_streaming(src, tmp_path / "q", dtype="float32")
+    one_block = sum(p.numel() for p in blocks_of(stream.model)[0].parameters())
+    rest = materialized_parameters(stream.model)
+    seen = []
+    real = stream.materialize
+
+    def counting(i, block=None):
+        block = real(i, block)
+        seen.append(materialized_parameters(stream.model))
+        return block
+    stream.materialize = counting
+    report = _run(stream.model, q, s, stream=stream)
+    assert len(seen) == 6 and max(seen) == rest + one_block           # never two blocks
+    out = stream.finish(AutoTokenizer.from_pretrained(str(src)))
+    lm = load_model(str(out))                      # transformers' from_pretrained: weights only
+    methods.restore_quantized(lm.model, lm.spec, q, s, out)           # + the quantizers' buffers
+    _same(lm.model.state_dict(), whole[name][0])
+    assert report.cost == whole[name][1].cost
