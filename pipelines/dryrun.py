@@ -86,8 +86,9 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
     fwd_s = REF_FWD_S * fp.block_params / REF_BLOCK_PARAMS * n * L / REF_TOKENS / speed
     columns = sum(i for _, _, i in fp.linears)
     solve_s = REF_SOLVE_S * columns / REF_COLUMNS / speed
-    stream = bool(cfg.model.stream) and cfg.quant.method != "omniquant"
+    stream = bool(cfg.model.stream)
     resident = (rest_b + block_b) if stream else model_b   # weights held while quantizing
+    held = (rest_b + 2 * block_b) if stream else model_b   # host: + the block being written out
     note = ""
     if stage == "calibrate":
         return StagePlan(stage, 0.0, 1.0, n * L * 8 / GiB, 10.0, {}, "tokenize the calibration text")
@@ -108,17 +109,24 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
         return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + resident) / GiB,
                          0.001, fp.n_blocks * fwd_s, {}, "FP Hessian diagonals" + (", streamed" if stream else ""))
     if stage == "act_stats":
-        gpu = model_b + fwd_work + ctx
-        return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + model_b) / GiB, 0.001,
-                         fp.n_blocks * fwd_s * 0.5, {}, "per-channel activation maxima")
+        gpu = resident + 2 * acts + fwd_work + ctx
+        return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + held) / GiB, 0.001,
+                         fp.n_blocks * fwd_s * 0.5, {}, "per-channel activation maxima"
+                         + (", streamed" if stream else ""))
     if stage == "quantize" and cfg.quant.method == "omniquant":
         train = fp.block_params * 4 * 4                     # fp32 block, grads, AdamW moments
-        gpu = model_b + train + 3 * n * L * h * 4 + 3 * fwd_work + ctx
+        # the fp and q streams (+ the targets and outputs being built), in float32 while training
+        gpu = resident + train + 3 * n * L * h * 4 + 3 * fwd_work + ctx
         t = fp.n_blocks * cfg.quant.epochs * REF_OMNI_EPOCH_S * fp.block_params / REF_BLOCK_PARAMS \
             * n * L / REF_TOKENS / speed
-        disk = fp.n_blocks * block_b + 2 * acts + model_b  # weights + block checkpoint
-        return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + model_b) / GiB, disk / GiB, t, {},
-                         f"{cfg.quant.epochs} epochs per block, whole model loaded")
+        # the quantized weights (streamed: the output shards) + per block checkpoint: 2 streams x
+        # the 2 newest blocks (+ the block states when the whole model is in memory)
+        disk = model_b + 4 * acts + (0 if stream else fp.n_blocks * block_b)
+        if stream and not (cfg.model.path and Path(str(cfg.model.path)).expanduser().exists()):
+            disk += model_b
+        return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + held) / GiB, disk / GiB, t, {},
+                         f"{cfg.quant.epochs} epochs per block, "
+                         + ("streamed block by block" if stream else "whole model loaded"))
     # GPTQ family: one block's Hessians (true-sequential groups), solver workspace, activations
     hess = max(fp.hessian_dims) ** 2 * 4 * 3
     solve = max(o * i for _, o, i in fp.linears) * 4 * 3
@@ -131,8 +139,7 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
         disk += model_b
     else:
         note = "streamed block by block" if stream else "whole model loaded"
-    host = base + ((rest_b + 2 * block_b) if stream else model_b)
-    return StagePlan(stage, gpu / GiB if on_gpu else 0.0, host / GiB, disk / GiB, t, {}, note)
+    return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + held) / GiB, disk / GiB, t, {}, note)
 
 
 def stage_disk_gb(node) -> float:

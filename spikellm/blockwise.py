@@ -270,7 +270,7 @@ def save_block_checkpoint(ckpt: Path, i: int, block: nn.Module, streams: dict[st
     header = {"block": i, "tag": _ckpt_tag(ckpt),
               "sha256": _write_synced(ckpt / f"block-{i:05d}.pt",
                                       {"block": i, "state": state, "stats": [r.row() for r in stats],
-                                       "extra": extra or {}}),
+                                       "costs": [c.row() for c in costs or []], "extra": extra or {}}),
               "streams_sha256": _write_synced(ckpt / f"streams-{i:05d}.pt",
                                               {k: v.cpu() for k, v in streams.items()})}
     tmp = ckpt / f".block-{i:05d}.json.tmp"
@@ -360,7 +360,7 @@ def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
         extras.append(data.get("extra", {}))
     streams = torch.load(ckpt / f"streams-{resume:05d}.pt", weights_only=True)
     return (resume + 1, streams, [ModuleStats(**r) for r in data["stats"]], extras,
-            [LayerCost(**r) for r in data.get("costs", [])])
+            [LayerCost(**r) for r in data["costs"]])
 
 
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method: BlockMethod,

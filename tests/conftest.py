@@ -59,3 +59,16 @@ def src(tmp_path_factory):
     lm.tokenizer.save_pretrained(d)
     assert (d / "model.safetensors.index.json").exists()
     return d
+
+
+def count_materialized(stream, seen: list) -> None:
+    """Make `stream.materialize` append the parameters materialized in memory after each block
+    is loaded to `seen` (the streaming tests' one-block-at-a-time check)."""
+    from spikellm.streaming import materialized_parameters
+    real = stream.materialize
+
+    def counting(i, block=None):
+        block = real(i, block)
+        seen.append(materialized_parameters(stream.model))
+        return block
+    stream.materialize = counting

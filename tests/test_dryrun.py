@@ -11,9 +11,10 @@ from pipelines.dryrun import dry_run, plan_sweep
 from spikellm.footprint import footprint, llama_config, meta_model
 
 
+@pytest.mark.parametrize("quant", ["gptq", "omniquant"])
 @pytest.mark.parametrize("model", group_options("model"))
-def test_dry_run_of_every_model_config_fits_its_requested_resources(model, tmp_path, capsys):
-    cfg = compose_config([f"model={model}", "quant=gptq", "dry_run=true", f"paths.outputs={tmp_path}"])
+def test_dry_run_of_every_model_config_fits_its_requested_resources(model, quant, tmp_path, capsys):
+    cfg = compose_config([f"model={model}", f"quant={quant}", "dry_run=true", f"paths.outputs={tmp_path}"])
     assert dry_run([cfg]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "quantize" in out and "SLURM request" in out and "error:" not in out
@@ -32,14 +33,16 @@ def test_llama2_70b_shapes_from_meta_tensors():
     assert [i for _, _, i in fp.linears] == [8192] * 6 + [28672]
 
 
-def test_streaming_keeps_70b_quantize_on_one_gpu_and_whole_model_does_not(tmp_path):
-    stream = compose_config(["model=llama2_70b", "dry_run=true"])
-    whole = compose_config(["model=llama2_70b", "dry_run=true", "model.stream=false"])
+@pytest.mark.parametrize("quant", ["gptq", "omniquant"])
+def test_streaming_keeps_70b_quantize_on_one_gpu_and_whole_model_does_not(quant, tmp_path):
+    stream = compose_config(["model=llama2_70b", f"quant={quant}", "dry_run=true"])
+    whole = compose_config(["model=llama2_70b", f"quant={quant}", "dry_run=true", "model.stream=false"])
     rows_s, err_s = plan_sweep([stream])
     rows_w, err_w = plan_sweep([whole])
     q_s = next(sp for _, sp in rows_s if sp.stage == "quantize")
     q_w = next(sp for _, sp in rows_w if sp.stage == "quantize")
     assert q_w.host_gb - q_s.host_gb > 120          # 138 GB of fp16 weights vs one block
+    assert q_s.host_gb < 20 and "streamed" in q_s.note
     assert not err_s
     assert any("quantize: needs" in e and "model.stream=true" in e for e in err_w)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import count_materialized
 from spikellm import methods
 from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.models import blocks_of, load_model
@@ -100,13 +101,7 @@ def test_streamed_from_shards_holds_one_block_and_equals_the_whole_model_run(nam
     one_block = sum(p.numel() for p in blocks_of(stream.model)[0].parameters())
     rest = materialized_parameters(stream.model)
     seen = []
-    real = stream.materialize
-
-    def counting(i, block=None):
-        block = real(i, block)
-        seen.append(materialized_parameters(stream.model))
-        return block
-    stream.materialize = counting
+    count_materialized(stream, seen)
     report = _run(stream.model, q, s, stream=stream)
     assert len(seen) == 6 and max(seen) == rest + one_block           # never two blocks
     out = stream.finish(AutoTokenizer.from_pretrained(str(src)))

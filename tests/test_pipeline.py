@@ -127,3 +127,13 @@ def test_omniquant_spiking_w4a4_end_to_end_with_baseline_in_one_sweep(tmp_path):
     # one calibration set and one pass of activation statistics shared by both points
     for stage in ("calibrate", "act_stats"):
         assert len([d for d in (tmp_path / "cache" / stage).iterdir() if not d.name.startswith(".")]) == 1
+    # streamed from the checkpoint's shards (one block in memory), evaluated from the quantized
+    # checkpoint it writes (masks included): the same model, so the same perplexity
+    p = _run([a for a in args if a not in ("-m", "spiking=none,t2")] + ["spiking=t2", "model.stream=true"],
+             tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    streamed = [json.loads(f.read_text()) for f in sorted((tmp_path / "runs").glob("*/*/manifest.json"))
+                if json.loads(f.read_text())["config"]["model"]["stream"]]
+    assert len(streamed) == 1
+    assert streamed[0]["metrics"]["ppl/wikitext2"] == by_mode["gif"]["ppl/wikitext2"]
+    assert streamed[0]["metrics"]["cost/ace"] == by_mode["gif"]["cost/ace"]

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import count_materialized
 from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.models import blocks_of, load_model
 from spikellm.quantize import quantize
@@ -24,16 +25,6 @@ def _ids():
     return torch.randint(0, 4000, (2, 64), generator=torch.Generator().manual_seed(0))
 
 
-def _count_on_materialize(stream, seen):
-    real = stream.materialize
-
-    def counting(i, block=None):
-        block = real(i, block)
-        seen.append(materialized_parameters(stream.model))
-        return block
-    stream.materialize = counting
-
-
 def test_streamed_gptq_holds_one_block_and_equals_the_whole_model_run(tmp_path, src):
     from transformers import AutoTokenizer
     stream = open_streaming(src, tmp_path / "q", dtype="float32")
@@ -43,7 +34,7 @@ def test_streamed_gptq_holds_one_block_and_equals_the_whole_model_run(tmp_path, 
     assert rest == sum(p.numel() for n, p in stream.model.named_parameters()
                        if not n.startswith("model.layers."))                 # no block loaded yet
     seen = []
-    _count_on_materialize(stream, seen)
+    count_materialized(stream, seen)
     quantize(stream.model, _ids(), Q, S, progress=False, log=lambda *_: None, stream=stream)
     assert len(seen) == len(blocks) and max(seen) == rest + one_block       # never two blocks
     assert materialized_parameters(stream.model) == rest                    # all released
@@ -77,7 +68,7 @@ def test_streamed_run_resumes_after_a_crash_without_redoing_written_blocks(tmp_p
         [f"block-0000{i}.safetensors" for i in range(3)]
     s2 = open_streaming(src, tmp_path / "q", "float32")
     seen = []
-    _count_on_materialize(s2, seen)
+    count_materialized(s2, seen)
     quantize(s2.model, _ids(), Q, S, progress=False, log=lambda *_: None,
              checkpoint_dir=tmp_path / "ckpt", stream=s2)
     assert len(seen) == N_BLOCKS - 3                     # blocks 0-2 were not loaded again
