@@ -7,7 +7,8 @@ CONTRACT_KEYS = ["quant.wbits", "quant.group_size", "spiking.ratio", "spiking.st
                  "eval.max_windows", "paths.outputs", "paths.data_dir"]
 
 
-@pytest.mark.parametrize("group", ["model", "quant", "spiking", "calib", "eval", "experiment"])
+@pytest.mark.parametrize("group", ["model", "quant", "spiking", "calib", "eval", "experiment",
+                                   "logger", "launcher"])
 def test_every_config_option_composes_and_validates(group):
     options = group_options(group)
     assert options
@@ -15,6 +16,19 @@ def test_every_config_option_composes_and_validates(group):
         extra = ["quant=omniquant"] if (group, opt) in (("spiking", "t2"), ("spiking", "t4")) else []
         cfg = compose_config([f"{group}={opt}", *extra])
         assert cfg._choices[group] == opt
+
+
+def test_options_that_extend_another_keep_its_keys():
+    """launcher/{slurm,auto,submitit_local} and eval/{full,zeroshot} extend launcher/local and
+    eval/default through their defaults lists instead of copying them."""
+    for group, base, opts in (("launcher", "local", ("slurm", "auto", "submitit_local")),
+                              ("eval", "default", ("full", "zeroshot"))):
+        ref = compose_config([f"{group}={base}"])[group]
+        for opt in opts:
+            got = compose_config([f"{group}={opt}"])[group]
+            assert set(got) == set(ref)
+    assert compose_config(["launcher=slurm"]).launcher.kind == "slurm"
+    assert list(compose_config(["eval=full"]).eval.datasets) == ["wikitext2", "ptb", "c4"]
 
 
 def test_required_models_exist_with_resources():
