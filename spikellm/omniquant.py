@@ -30,9 +30,7 @@ that a saved state dict (weights + masks) loads back.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn

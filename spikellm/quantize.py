@@ -15,7 +15,7 @@ from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, M
 from .config import QuantConfig, SpikingConfig, validate
 from .gptq import gptq_solve
 from .hessian import HessianAccumulator, prepare_hessian
-from .models import FamilySpec, blocks_of, family_of, get_module
+from .models import FamilySpec, family_of, get_module
 from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
 from .saliency import hessian_column_saliency, hessian_element_saliency
 

@@ -1,0 +1,201 @@
+"""Run a validated sweep: plan its DAG, execute it (in-process or on SLURM), write one run
+manifest per point (config, metrics, artifacts, energy detail) and print the tables.
+`pipelines.run` parses the command line and calls `run_sweep`."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import stages
+from .config import run_name
+from .schema import open_store
+from .store import write_json
+
+
+METRIC_ORDER = ("ppl/fp/", "ppl/", "acc/fp/", "acc/", "acc_norm/", "cost/avg_steps", "cost/ace", "cost/", "time/", "mem/")
+
+
+def _state_counts(sweep_dir: Path) -> dict[str, dict[str, int]]:
+    """{state: {stage: count}} over the sweep's stage instances (done = executed here)."""
+    from .status import collect
+    out: dict[str, dict[str, int]] = {}
+    for r in collect(sweep_dir):
+        per = out.setdefault(r["state"], {})
+        per[r["stage"]] = per.get(r["stage"], 0) + 1
+    return out
+
+
+def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
+    """Plan all points as one DAG, run each distinct stage once, write one manifest per point.
+    Returns (manifest paths, all succeeded)."""
+    from .dag import plan as make_plan
+    from .execute import execute_local, resolve_cached, write_plan
+    from .launch import resolve_launcher, submit, wait_slurm
+    from .tracking import Tracker
+
+    first = cfgs[0]
+    stamp = _dt.datetime.now()
+    outputs = Path(first.paths.outputs)
+    sweep_dir = outputs / "sweeps" / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S-%f")[:-3]
+    the_plan = make_plan(cfgs)
+    write_plan(the_plan, sweep_dir, points)
+    names = [run_name(c) for c in cfgs]
+    lg = first.logger
+    tracker = Tracker(lg.backend, lg.mode, lg.project, lg.entity, sweep_dir, group=sweep_dir.name
+                      if len(cfgs) > 1 else None)
+    counts = the_plan.count()
+    stages.say(f"plan: {len(cfgs)} point(s), " + ", ".join(f"{k} {v}" for k, v in counts.items())
+               + f"; sweep record {sweep_dir}")
+    t0 = time.time()
+    store = open_store(first)
+    kind = resolve_launcher(first.launcher.kind)
+    if kind == "local":
+        done = execute_local(the_plan, store, tracker, sweep_dir, names)
+    else:
+        jobs = submit(the_plan, store, sweep_dir, names, first.launcher, tracker.group, kind)
+        if kind == "slurm" and not first.launcher.wait:
+            print(f"submitted {len(jobs)} job(s); follow them with: python -m pipelines.status "
+                  f"{sweep_dir}")
+            return [], True
+        if kind == "slurm":
+            wait_slurm(jobs, the_plan, sweep_dir)
+        done = resolve_cached(the_plan, store)
+    manifests, ok = [], True
+    for p, (cfg, ids) in enumerate(zip(cfgs, the_plan.points)):
+        arts = {stage: done[i] for stage, i in ids.items()}
+        if any(a is None for a in arts.values()):
+            ok = False
+            failed = [i for i in ids.values() if done[i] is None]
+            print(f"point {' '.join(points[p]) or '(defaults)'}: did not finish ({failed[0]}); "
+                  f"see python -m pipelines.status {sweep_dir}", file=sys.stderr)
+            continue
+        manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir))
+    executed = _state_counts(sweep_dir)
+    wall = time.time() - t0
+    write_json(sweep_dir / "summary.json", {"wall_s": wall, "points": len(cfgs), "counts": counts,
+                                            "states": executed, "ok": ok})
+    stages.say("stages " + "; ".join(
+        f"{state}: " + ", ".join(f"{st} {n}" for st, n in per.items())
+        for state, per in executed.items()) + f"; wall {wall:.1f}s")
+    if len(cfgs) > 1:
+        from .report import write_report
+        html, _ = write_report(sweep_dir)
+        print(f"report: {html}")
+    return manifests, ok
+
+
+def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
+    stamp = _dt.datetime.now()
+    run_dir = Path(cfg.paths.outputs) / "runs" / stamp.strftime("%Y-%m-%d") / \
+        f"{stamp.strftime('%H-%M-%S-%f')[:-3]}_{name}"
+    metrics: dict = {}
+    for stage in ("evaluate_fp", "quantize", "evaluate"):
+        if stage in arts:
+            metrics.update(arts[stage].metrics)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    choices, overrides = resolved.pop("_choices"), resolved.pop("_overrides")
+    q = arts["quantize"]
+    calib = torch_load_shape(arts["calibrate"].file("ids.pt"))
+    manifest = {
+        "name": name, "created": stamp.isoformat(timespec="seconds"),
+        "command": " ".join(["python -m pipelines.run", *overrides]),
+        "choices": choices, "overrides": overrides, "config": resolved,
+        "versions": q.manifest.get("versions", {}),
+        "timings": {stage: a.manifest.get("timings", {}).get("total_s") for stage, a in arts.items()},
+        "metrics": metrics,
+        "calibration": {"dataset": cfg.calib.dataset, "split": cfg.calib.split,
+                        "windows": calib, "seed": cfg.calib.seed},
+        "artifacts": {stage: str(a.path) for stage, a in arts.items()},
+        "sweep": str(sweep_dir),
+        "notes": json.loads(q.file("notes.json").read_text()) if q.file("notes.json").exists() else [],
+    }
+    # per-layer detail; the totals (cost/energy_*) are the quantize stage's own metrics
+    manifest["energy"] = energy_estimate(cfg, q.file("layer_costs.json"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stats = q.file("module_stats.json")
+    if stats.exists():
+        (run_dir / "module_stats.json").write_text(stats.read_text())
+    write_json(run_dir / "manifest.json", manifest)
+    print_table(manifest, run_dir / "manifest.json")
+    return run_dir / "manifest.json"
+
+
+def energy_estimate(cfg, layer_costs: Path) -> dict:
+    """Per-layer and total energy per token (pJ) of the quantized linears from the quantize
+    artifact's layer costs and the `energy.*` constants, which are assumptions (labelled so)."""
+    from spikellm.allocation import LayerCost, energy_cost, layer_energy
+
+    from .stages import energy_model
+    if not layer_costs.exists():
+        return {}
+    layers = [LayerCost(**r) for r in json.loads(layer_costs.read_text())]
+    e = energy_model(cfg)
+    constants = {k: float(v) for k, v in cfg.energy.items() if k != "source"}
+    return {"assumption": f"per-operation energies in pJ from {cfg.energy.source}", "constants_pj": constants,
+            "total": energy_cost(layers, e),
+            "layers": [{"name": c.name, "ace": c.ace, "additive_fraction": c.additive_fraction,
+                        "avg_steps": c.avg_steps, "energy_pj": layer_energy(c, e)[0]} for c in layers]}
+
+
+def torch_load_shape(path: Path) -> list[int]:
+    import torch
+    return list(torch.load(path, weights_only=True).shape)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.4g}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def _ordered(metrics: dict) -> list[str]:
+    def rank(k):
+        return next((i for i, p in enumerate(METRIC_ORDER) if k.startswith(p)), len(METRIC_ORDER))
+    return sorted(metrics, key=lambda k: (rank(k), k))
+
+
+def print_table(manifest: dict, path: Path) -> None:
+    cfg = manifest["config"]
+    sp = cfg["spiking"]
+    unit = "weights" if sp.get("granularity") == "element" else "columns"
+    spiking = "none" if sp["mode"] == "none" else \
+        f"{sp['mode']} ({sp['ratio']:.0%} of {unit} x {sp['steps']} steps, {sp['select']}"
+    if sp["mode"] == "ternary":
+        spiking += f", thresholds per {sp.get('group_size') or 'row'}" + \
+            (" columns" if sp.get("group_size") else "") + ")"
+    elif sp["mode"] != "none":
+        spiking += ")"
+    qc = cfg["quant"]
+    extra = ""
+    if qc["method"] == "omniquant" and qc.get("abits", 16) < 16:
+        axis = qc.get("k_axis", "token")
+        extra = f"  K={axis}" + (" (NON-CAUSAL: per channel over the window)" if axis == "channel" else "")
+    split = cfg.get("eval", {}).get("split", "test")
+    print(f"\nspikellm  model={cfg['model']['name']}  quant={manifest['choices']['quant']} "
+          f"(wbits={qc['wbits']}, group={qc['group_size'] or 'per-channel'})  "
+          f"spiking={spiking}{extra}  eval={split}")
+    m = manifest["metrics"]
+    width = max(len(k) for k in m)
+    print(f"  {'metric'.ljust(width)}  value")
+    for k in _ordered(m):
+        print(f"  {k.ljust(width)}  {_fmt(m[k])}")
+    if manifest.get("energy"):
+        print(f"  (cost/energy_*: ASSUMED constants, {manifest['energy']['assumption']})")
+    print(f"results: {path}\n", flush=True)
+
+
+def print_sweep(rows: list[tuple[list[str], dict]]) -> None:
+    keys = [k for k in _ordered(rows[0][1]) if not k.startswith("time/") and k != "cost/ace"]
+    head = ["point"] + keys
+    table = [[" ".join(ov) or "(defaults)"] + [_fmt(m.get(k, "")) for k in keys] for ov, m in rows]
+    widths = [max(len(str(r[i])) for r in [head] + table) for i in range(len(head))]
+    print("sweep:")
+    for r in [head] + table:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
