@@ -67,7 +67,7 @@ def _calib_data(cfg) -> dict:
 
 def _eval_keys(cfg) -> dict:
     keys = _sel(cfg, "eval.datasets", "eval.seqlen", "eval.max_windows", "eval.split",
-                "eval.batch_size")
+                "eval.batch_size", "eval.stream")
     calib = OmegaConf.to_object(cfg.calib)
     # what is evaluated is each file's content, not its name or the data directory's path
     keys["eval.files"] = {d: _file(source_file(d, cfg.eval.split, cfg.paths.data_dir, calib), cfg)

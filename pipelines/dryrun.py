@@ -99,8 +99,16 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
         tokens += sum(ZERO_SHOT_TOKENS.get(t, 0) for t in cfg.eval.tasks) * (
             1 if not cfg.eval.limit else min(1.0, cfg.eval.limit / 1000 if cfg.eval.limit >= 1 else cfg.eval.limit))
         logits = cfg.eval.batch_size * cfg.eval.seqlen * fp.vocab * 4 * 2
-        gpu = model_b + logits + cfg.eval.batch_size * cfg.eval.seqlen * (2 * inter + 4 * h) * 4 + ctx
+        work = cfg.eval.batch_size * cfg.eval.seqlen * (2 * inter + 4 * h) * 4
         t = fp.n_blocks * REF_FWD_S * 0.5 * fp.block_params / REF_BLOCK_PARAMS * tokens / REF_TOKENS / speed
+        if cfg.eval.stream:            # one block at a time + every window's hidden states, twice
+            windows = tokens // cfg.eval.seqlen + 1
+            hidden = 2 * windows * cfg.eval.seqlen * h * b
+            gpu = rest_b + block_b + hidden + logits + work + ctx
+            return StagePlan(stage, gpu / GiB if on_gpu else 0.0,
+                             (base + rest_b + 2 * block_b + (0 if on_gpu else hidden + logits)) / GiB,
+                             0.001, t, {}, "perplexity streamed block by block")
+        gpu = model_b + logits + work + ctx
         return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + model_b + (0 if on_gpu else logits)) / GiB,
                          0.001, t, {}, "whole model on the GPU(s)" if on_gpu else "whole model")
     if stage == "score":

@@ -114,7 +114,9 @@ def stage_resources(node) -> dict:
     r = node.cfg.model.resources
     if node.stage == "calibrate":
         return {"gpus": 0, "cpus": 1, "mem_gb": 4, "time_min": 60}
-    gpus = eval_gpus(r) if node.stage.startswith("evaluate") else r.gpus
+    # a streamed evaluation (eval.stream) holds one block: the quantize stage's GPUs suffice
+    whole_eval = node.stage.startswith("evaluate") and not node.cfg.eval.stream
+    gpus = eval_gpus(r) if whole_eval else r.gpus
     return {"gpus": int(gpus), "cpus": int(r.cpus), "mem_gb": int(r.mem_gb),
             "time_min": int(r.time_min)}
 

@@ -70,6 +70,9 @@ class EvalCfg:
     tasks: list[str] = field(default_factory=list)
     limit: Optional[float] = None        # documents per task (int) or fraction (< 1); null = all
     task_batch_size: int = 8
+    #: perplexity block by block from the checkpoint's shards (one block + the windows' hidden
+    #: states in memory; needs model.stream=true and no eval.tasks)
+    stream: bool = False
 
 
 @dataclass
@@ -182,6 +185,10 @@ def validate(cfg: Any) -> None:
          c.calib.split),
         (all(t in ZS_TASKS for t in c.eval.tasks), "eval.tasks", f"a list drawn from {', '.join(ZS_TASKS)}", list(c.eval.tasks)),
         (c.eval.limit is None or c.eval.limit > 0, "eval.limit", "null, a count >= 1 or a fraction in (0, 1)", c.eval.limit),
+        (not c.eval.stream or c.model.stream, "eval.stream",
+         "false unless model.stream=true (a streamed evaluation reads the quantized checkpoint's shards)", c.eval.stream),
+        (not c.eval.stream or not c.eval.tasks, "eval.stream",
+         "false with eval.tasks (lm-eval scores the whole model; set eval.tasks=[] for streamed perplexity)", c.eval.stream),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
         (c.store.lock_timeout_s is None or c.store.lock_timeout_s >= 0, "store.lock_timeout_s",
          "null (wait forever) or >= 0 seconds", c.store.lock_timeout_s),

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from spikellm.blockwise import peak_memory_gb
 from spikellm.data import calibration_set, dataset_name, evaluation_set
-from spikellm.evaluate import perplexity
+from spikellm.evaluate import perplexity, streamed_perplexity
 from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
 from spikellm.quantize import fp_saliency_diagonals, quantize
 
@@ -250,7 +250,8 @@ def ppl_metric(dataset: str, split: str, tag: str) -> str:
     return "ppl/" + ("fp/" if tag == "fp" else "") + ("dev/" if split == "dev" else "") + name
 
 
-def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
+def _ppl(cfg, lm: LoadedModel, tag: str, stream=None) -> dict:
+    """ppl/* of `lm` on every eval dataset; with `stream` (eval.stream) block by block."""
     device = resolve_device(cfg.device)
     out = {}
     calib = OmegaConf.to_object(cfg.calib)
@@ -259,9 +260,13 @@ def _ppl(cfg, lm: LoadedModel, tag: str) -> dict:
                                  split=cfg.eval.split, data_dir=cfg.paths.data_dir, calib=calib)
         name = ppl_metric(d, cfg.eval.split, tag)
         t0 = time.time()
-        out[name] = perplexity(lm.model, windows, cfg.eval.batch_size, device,
-                               progress=cfg.progress,
-                               desc=f"{name} ({windows.shape[0]}x{windows.shape[1]})")
+        desc = f"{name} ({windows.shape[0]}x{windows.shape[1]})"
+        if stream is None:
+            out[name] = perplexity(lm.model, windows, cfg.eval.batch_size, device,
+                                   progress=cfg.progress, desc=desc)
+        else:
+            out[name] = streamed_perplexity(lm.model, windows, stream, cfg.eval.batch_size, device,
+                                            progress=cfg.progress, desc=desc)
         say(f"{name} = {out[name]:.3f} on {windows.shape[0]} x {windows.shape[1]} tokens "
             f"({time.time() - t0:.0f}s)")
         out[f"time/eval_{'dev_' if cfg.eval.split == 'dev' else ''}{dataset_name(d)}_s"] = time.time() - t0
@@ -297,7 +302,24 @@ def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
 
 def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Full-precision perplexities: the baseline every quantized point is compared with."""
+    if cfg.eval.stream:
+        return _streamed_ppl(cfg, _local_source(cfg), "fp")
     return _scores(cfg, load(cfg, whole_model=True), "fp")
+
+
+def _streamed_ppl(cfg, checkpoint, tag: str) -> dict:
+    """`eval.stream`: perplexities block by block from `checkpoint`'s shards, the quantized
+    method's runtime modules rebuilt first (their buffers load with each block)."""
+    from spikellm.methods import make_method
+    from spikellm.streaming import open_streaming
+    stream = open_streaming(checkpoint, None, cfg.model.dtype, resolve_device(cfg.device))
+    if tag != "fp":
+        make_method(*method_configs(cfg), stream.spec).restore_for_inference(stream.model)
+    lm = LoadedModel(stream.model, _tokenizer(cfg), str(checkpoint), stream.spec)
+    try:
+        return _ppl(cfg, lm, tag, stream)
+    finally:
+        stream.close()
 
 
 def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
@@ -308,6 +330,8 @@ def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     buffers (salient masks, K ranges) then load too."""
     from spikellm.methods import make_method, restore_quantized
     q = deps["quantize"]
+    if cfg.eval.stream:
+        return _streamed_ppl(cfg, q.file("model"), "quant")
     if not q.file("weights.safetensors").exists():   # streamed: model/ is the quantized checkpoint
         lm = load_model(str(q.file("model")), cfg.model.dtype, resolve_device(cfg.device),
                         _device_map(cfg, whole_model=True))

@@ -219,6 +219,8 @@ class EngineResult:
     costs: list[LayerCost]
     extras: list[dict]
     seconds: float
+    #: the streams after the last block (stream name -> [N, seqlen, hidden]); empty without inputs
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 #: written by the caller into a checkpoint directory (e.g. {"key": stage key, "code": digest}):
@@ -415,4 +417,5 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method:
         bar.set_postfix(loss=f"{sum(r.loss for r in res.rows):.3g}",
                         elapsed=f"{time.time() - t_start:.0f}s")
     method.finalize(model, spec)
-    return EngineResult(stats=stats, costs=costs, extras=extras, seconds=time.time() - t_start)
+    return EngineResult(stats=stats, costs=costs, extras=extras, seconds=time.time() - t_start,
+                        outputs={n: x.hidden for n, x in streams.items()})

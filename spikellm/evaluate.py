@@ -9,6 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Σ over windows of (mean next-token NLL of the window) x seqlen; logits [B, L, V], ids [B, L]."""
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+    return float(loss.mean(1).sum()) * ids.shape[1]
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device="cpu",
                progress: bool = False, desc: str = "ppl") -> float:
@@ -25,7 +32,34 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, dev
                    dynamic_ncols=True):
         ids = windows[b0: b0 + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                               ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
-        total += float(loss.mean(1).sum()) * seqlen
+        total += _nll_sum(logits, ids)
     return math.exp(total / (n * seqlen))
+
+
+@torch.no_grad()
+def streamed_perplexity(model: nn.Module, windows: torch.Tensor, stream, batch_size: int = 4,
+                        device="cpu", progress: bool = False, desc: str = "ppl") -> float:
+    """`perplexity` computed block by block (the GPTQ reference's layer-wise evaluation): the
+    engine runs every window [n, seqlen] through one decoder block at a time, materialized from
+    `stream` (a read-only `streaming.BlockStream`), then the final norm and the head score them.
+    Memory: the non-block weights, one block and the hidden states of all windows
+    [n, seqlen, hidden]; equal to `perplexity` up to floating-point summation order."""
+    from .blockwise import BlockMethod, BlockResult, run_blockwise
+    from .models import family_of, get_module
+
+    class _Forward(BlockMethod):
+        """A pass-through: the engine propagates the windows through each block unchanged."""
+        def process(self, i, block, inputs):
+            return BlockResult()
+
+    spec = family_of(model)
+    _Forward.desc = desc
+    res = run_blockwise(model, spec, windows.to(device), _Forward(), device=device,
+                        batch_size=batch_size, progress=progress, stream=stream)
+    hidden = res.outputs["hidden"]
+    norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    total = 0.0
+    for b0 in range(0, windows.shape[0], batch_size):
+        ids = windows[b0: b0 + batch_size].to(device)
+        total += _nll_sum(head(norm(hidden[b0: b0 + batch_size])).float(), ids)
+    return math.exp(total / windows.numel())

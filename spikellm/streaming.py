@@ -91,10 +91,14 @@ class BlockStream:
         """Load block i's tensors from the source shards onto the device (strictly: all of them)."""
         block = block if block is not None else blocks_of(self.model, self.spec)[i]
         p = self._prefix(i)
-        state = {k[len(p):]: self.reader.get(k).to(self.dtype) for k in self.reader.names(p)}
+        state = {k[len(p):]: self._cast(self.reader.get(k)) for k in self.reader.names(p)}
         block.to_empty(device=self.device)
         block.load_state_dict(state, strict=True)
         return block
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        """Floating tensors in the stream's dtype; masks and other integer buffers as they are."""
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def release(self, i: int, block: nn.Module | None = None) -> None:
         """Write the finished block i to the output checkpoint, then free it (back to meta)."""
@@ -103,9 +107,7 @@ class BlockStream:
             block.to("meta")
             return
         p = self._prefix(i)
-        # floating tensors in the checkpoint's dtype; masks and other integer buffers as they are
-        tensors = {p + k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in block.state_dict().items()}
+        tensors = {p + k: self._cast(v.detach().cpu()).contiguous() for k, v in block.state_dict().items()}
         tmp = self.out / f".{self.shard_name(i)}.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.out / self.shard_name(i))

@@ -47,6 +47,14 @@ def test_streaming_keeps_70b_quantize_on_one_gpu_and_whole_model_does_not(quant,
     assert any("quantize: needs" in e and "model.stream=true" in e for e in err_w)
 
 
+def test_streamed_evaluation_plans_70b_on_one_gpu_and_one_block_of_host_memory():
+    rows, errors = plan_sweep([compose_config(["model=llama2_70b", "quant=omniquant", "eval.stream=true",
+                                               "dry_run=true"])])
+    evals = [sp for _, sp in rows if sp.stage.startswith("evaluate")]
+    assert not errors and len(evals) == 2
+    assert all(sp.resources["gpus"] == 1 and sp.host_gb < 20 and "streamed" in sp.note for sp in evals)
+
+
 @pytest.mark.parametrize("override,fix", [("model.resources.eval_gpus=1", "model.resources.eval_gpus"),
                                           ("model.resources.mem_gb=100", "model.resources.mem_gb"),
                                           ("plan.gpu_mem_gb=24", "calib.nsamples")])

@@ -109,3 +109,28 @@ def test_streamed_from_shards_holds_one_block_and_equals_the_whole_model_run(nam
     methods.restore_quantized(lm.model, lm.spec, q, s, out)           # + the quantizers' buffers
     _same(lm.model.state_dict(), whole[name][0])
     assert report.cost == whole[name][1].cost
+
+
+@pytest.mark.parametrize("name", ["fp", "omniquant w4a4 t2"])
+def test_streamed_perplexity_equals_the_whole_model_perplexity(name, src, tmp_path):
+    """Block by block from the shards (eval.stream) vs the whole model, on real text ids."""
+    from spikellm.evaluate import perplexity, streamed_perplexity
+    windows = torch.randint(0, 4000, (5, 48), generator=torch.Generator().manual_seed(3))
+    ckpt = src
+    if name != "fp":
+        from transformers import AutoTokenizer
+        q, s = CASES[name]
+        st = open_streaming(src, tmp_path / "q", dtype="float32")
+        _run(st.model, q, s, stream=st)
+        ckpt = st.finish(AutoTokenizer.from_pretrained(str(src)))
+    whole = load_model(str(ckpt))
+    st = open_streaming(ckpt, None, dtype="float32")
+    if name != "fp":
+        methods.restore_quantized(whole.model, whole.spec, q, s, ckpt)
+        methods.make_method(q, s, st.spec).restore_for_inference(st.model)
+    seen = []
+    count_materialized(st, seen)
+    got = streamed_perplexity(st.model, windows, st, batch_size=2)
+    assert len(seen) == 6 and max(seen) == materialized_parameters(st.model) + \
+        sum(p.numel() for p in blocks_of(whole.model)[0].parameters())
+    assert got == pytest.approx(perplexity(whole.model, windows, batch_size=2), rel=1e-6)

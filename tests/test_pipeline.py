@@ -129,11 +129,14 @@ def test_omniquant_spiking_w4a4_end_to_end_with_baseline_in_one_sweep(tmp_path):
         assert len([d for d in (tmp_path / "cache" / stage).iterdir() if not d.name.startswith(".")]) == 1
     # streamed from the checkpoint's shards (one block in memory), evaluated from the quantized
     # checkpoint it writes (masks included): the same model, so the same perplexity
-    p = _run([a for a in args if a not in ("-m", "spiking=none,t2")] + ["spiking=t2", "model.stream=true"],
-             tmp_path)
+    # and evaluated either whole from that checkpoint or itself block by block (eval.stream)
+    p = _run([a for a in args if a != "spiking=none,t2"] + ["spiking=t2", "model.stream=true",
+                                                            "eval.stream=false,true"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    streamed = [json.loads(f.read_text()) for f in sorted((tmp_path / "runs").glob("*/*/manifest.json"))
-                if json.loads(f.read_text())["config"]["model"]["stream"]]
-    assert len(streamed) == 1
-    assert streamed[0]["metrics"]["ppl/wikitext2"] == by_mode["gif"]["ppl/wikitext2"]
-    assert streamed[0]["metrics"]["cost/ace"] == by_mode["gif"]["cost/ace"]
+    streamed = {m["config"]["eval"]["stream"]: m["metrics"] for m in
+                (json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/*/manifest.json"))
+                if m["config"]["model"]["stream"]}
+    assert set(streamed) == {False, True}
+    assert streamed[False]["ppl/wikitext2"] == by_mode["gif"]["ppl/wikitext2"]
+    assert streamed[True]["ppl/wikitext2"] == pytest.approx(by_mode["gif"]["ppl/wikitext2"], rel=1e-6)
+    assert streamed[True]["cost/ace"] == by_mode["gif"]["cost/ace"]
