@@ -90,7 +90,8 @@ def _eval_keys(cfg) -> dict:
 _OMNI_ONLY = ("abits", "epochs", "lwc", "let", "k_axis", "let_lr", "lwc_lr", "wd", "alpha",
               "aug_loss", "train_batch", "nan_policy", "amp", "seed")
 _GPTQ_ONLY = ("mse", "actorder", "blocksize", "true_sequential", "salient_frac", "high_bits")
-_TERNARY_ONLY = ("steps", "granularity", "group_size", "salient_scale", "saliency_from", "weighted",
+#: (`spiking.steps` is read by both: gif mode validates it as 2**addbit)
+_TERNARY_ONLY = ("granularity", "group_size", "salient_scale", "saliency_from", "weighted",
                  "spike_bits")
 _GIF_ONLY = ("addbit", "target", "kv_addbit")
 
