@@ -4,6 +4,7 @@ manifest per point (config, metrics, artifacts, energy detail) and print the tab
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import asdict
 import json
 import sys
 import time
@@ -135,8 +136,7 @@ def energy_estimate(cfg, layer_costs: Path) -> dict:
         return {}
     layers = [LayerCost(**r) for r in json.loads(layer_costs.read_text())]
     e = energy_model(cfg)
-    constants = {k: float(v) for k, v in cfg.energy.items() if k != "source"}
-    return {"assumption": f"per-operation energies in pJ from {cfg.energy.source}", "constants_pj": constants,
+    return {"assumption": f"per-operation energies in pJ from {cfg.energy.source}", "constants_pj": asdict(e),
             "total": energy_cost(layers, e),
             "layers": [{"name": c.name, "ace": c.ace, "additive_fraction": c.additive_fraction,
                         "avg_steps": c.avg_steps, "energy_pj": layer_energy(c, e)[0]} for c in layers]}

@@ -53,8 +53,9 @@ def streamed_perplexity(model: nn.Module, windows: torch.Tensor, stream, batch_s
             return BlockResult()
 
     spec = family_of(model)
-    _Forward.desc = desc
-    res = run_blockwise(model, spec, windows.to(device), _Forward(), device=device,
+    forward = _Forward()
+    forward.desc = desc
+    res = run_blockwise(model, spec, windows.to(device), forward, device=device,
                         batch_size=batch_size, progress=progress, stream=stream)
     hidden = res.outputs["hidden"]
     norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
