@@ -35,7 +35,7 @@ SHAPES = {
 }
 METHODS = {
     "gptq_w4": (dict(method="gptq", wbits=4), dict(mode="none")),
-    "gptq_ternary": (dict(method="gptq", wbits=4), dict(mode="ternary")),
+    "gptq_ternary": (dict(method="gptq", wbits=4), dict(mode="ternary", ratio=0.0, steps=1, granularity="column")),
     "omni_w4a4_t2": (dict(method="omniquant", wbits=4, abits=4, epochs=2),
                      dict(mode="gif", ratio=0.1, addbit=1, steps=2)),
 }

@@ -75,7 +75,8 @@ def run_one(name: str, seed: int, args) -> dict:
     from spikellm.omniquant import omniquant
 
     q = quant_config(name, seed, args)
-    s = SpikingConfig(**{"seed": seed, **SETTINGS[name][1]})
+    so = SETTINGS[name][1]
+    s = SpikingConfig(**(so if so["mode"] == "none" else {"seed": seed, **so}))
     lm = load_model(resolve_source("embedded", None), device=args.device)
     calib = calibration_set(lm.tokenizer, CalibSpec("wikitext2", "validation", args.nsamples,
                                                      args.seqlen, seed), args.data_dir)

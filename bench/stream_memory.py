@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def _methods():
     from spikellm.config import QuantConfig, SpikingConfig
-    return {"gptq_ternary": (QuantConfig(method="gptq", wbits=4), SpikingConfig(mode="ternary")),
+    return {"gptq_ternary": (QuantConfig(method="gptq", wbits=4), SpikingConfig(mode="ternary", ratio=0.0, steps=1, granularity="column")),
             "omni_w4a4": (QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1),
                           SpikingConfig(mode="gif", ratio=0.1, addbit=1, steps=2))}
 

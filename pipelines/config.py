@@ -14,7 +14,24 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from omegaconf import DictConfig, OmegaConf
 
+from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, unknown_key
+
 from .schema import typed, validate
+
+
+def register_schemas() -> None:
+    """Register the method and spiking dataclasses with Hydra's ConfigStore as `schema_<name>`
+    of the `quant` and `spiking` groups; every `conf/quant/*.yaml` and `conf/spiking/*.yaml`
+    starts from its schema (`defaults: [schema_<name>, _self_]`), so Hydra rejects a YAML or an
+    override key that its dataclass lacks, and type-checks the rest."""
+    from hydra.core.config_store import ConfigStore
+    cs = ConfigStore.instance()
+    for group, table in (("quant", QUANT_CONFIGS), ("spiking", SPIKING_CONFIGS)):
+        for name, cls in table.items():
+            cs.store(group=group, name=f"schema_{name}", node=cls)
+
+
+register_schemas()
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "quant", "spiking", "calib", "eval", "logger", "launcher", "experiment")
@@ -64,7 +81,46 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
+        cause = f"\n{str(e.__cause__)}" if e.__cause__ is not None else ""
+        raise ConfigError(_method_key_error(str(e), overrides) or _first_lines(str(e) + cause)) from None
+
+
+def _first_lines(msg: str) -> str:
+    """Hydra's error as one line: its first line, plus the reason where the first only says
+    which override failed (e.g. an enum value that is not an option)."""
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error merging override"):
+        return f"{lines[0]}: {lines[1]}"
+    return lines[0]
+
+
+def _chosen(group: str, overrides: list[str], default: str) -> str:
+    """The config class name (method or mode) the `group=` option of `overrides` stands for."""
+    opt = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{group}=")), default)
+    f = CONF_DIR / group / f"{opt}.yaml"
+    node = OmegaConf.load(f) if f.exists() else {}
+    return str(node.get("method" if group == "quant" else "mode", opt))
+
+
+def _method_key_error(msg: str, overrides: list[str]) -> str | None:
+    """Hydra's struct error for a quant/spiking key the chosen method's dataclass lacks, as our
+    one line naming the options that have it."""
+    import re
+    m = re.search(r"override '(quant|spiking)\.(\w+)'", msg) or re.search(
+        r"Key '(\w+)' not in '(\w+)'", msg)
+    if not m:
+        return None
+    if m.re.pattern.startswith("override"):
+        group, key = m.group(1), m.group(2)
+    else:
+        key, cls = m.group(1), m.group(2)
+        group = next((g for g, tb in (("quant", QUANT_CONFIGS), ("spiking", SPIKING_CONFIGS))
+                      if cls in {c.__name__ for c in tb.values()}), None)
+        if group is None:
+            return None
+    table = QUANT_CONFIGS if group == "quant" else SPIKING_CONFIGS
+    name = _chosen(group, overrides, {"quant": "gptq", "spiking": "ternary"}[group])
+    return unknown_key(table, group, name, [key]) if name in table else None
 
 
 def recipe_sweep(overrides: list[str]) -> list[str]:
@@ -87,6 +143,36 @@ def expand_points(overrides: list[str]) -> list[list[str]]:
             if q not in points:
                 points.append(q)
     return points
+
+
+def compose_sweep(points: list[list[str]]) -> tuple[list[DictConfig], list[list[str]], list[str]]:
+    """Compose every point of a `-m` sweep. A point whose override sets a key that its own
+    method or spiking option does not have (`-m spiking=none,t2 spiking.select=saliency,random`:
+    `none` has no selection) runs without that override, once, and a note says so; in a sweep
+    whose points all choose that one option the key is an error, as in a single run.
+    Returns (configs, the points as run, notes)."""
+    import re
+    cfgs, kept, notes = [], [], []
+    for p in points:
+        q = list(p)
+        while True:
+            try:
+                cfg = compose_config(q)
+                break
+            except ConfigError as e:
+                m = re.match(r"(quant|spiking)\.(\w+) is not a key of (quant|spiking)=(\w+)", str(e))
+                ov = m and next((o for o in q if o.split("=", 1)[0].lstrip("+~") == f"{m[1]}.{m[2]}"), None)
+                choices = {next((o for o in pt if o.startswith(f"{m[1]}=")), None) for pt in points} if m else ()
+                if not ov or len(choices) < 2:
+                    raise
+                q.remove(ov)
+                note = f"{ov} does not apply to {m[3]}={m[4]}: its points run without it"
+                if note not in notes:
+                    notes.append(note)
+        if q not in kept:
+            kept.append(q)
+            cfgs.append(cfg)
+    return cfgs, kept, notes
 
 
 def _check_groups(overrides: list[str]) -> None:

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from spikellm.config import QuantConfig, SpikingConfig
 from spikellm.data import resolve_data_dir, source_file
 
 from .fingerprint import code_digest, file_digest, library_versions, model_identity
+from .schema import method_objects
 from .store import content_key
 from .zeroshot import TASK_FILES
 
 #: a stage's own version, for changes of meaning the code digest cannot see (e.g. a file format)
-STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 2, "evaluate": 2, "evaluate_fp": 2}
+STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 3, "evaluate": 2, "evaluate_fp": 2}
 
 
 def _model_id(cfg) -> dict:
@@ -84,40 +84,22 @@ def _eval_keys(cfg) -> dict:
     return keys
 
 
-#: keys that only one family of methods reads. These only save recomputation: a quantize stage
-#: builds its typed configs from the key's own inputs (`method_configs`), so a key dropped here
-#: can never make a stage compute from a value its key does not hold.
-_OMNI_ONLY = ("abits", "epochs", "lwc", "let", "k_axis", "let_lr", "lwc_lr", "wd", "alpha",
-              "aug_loss", "train_batch", "nan_policy", "amp", "seed")
-_GPTQ_ONLY = ("mse", "actorder", "blocksize", "true_sequential", "salient_frac", "high_bits")
-#: (`spiking.steps` is read by both: gif mode validates it as 2**addbit)
-_TERNARY_ONLY = ("granularity", "group_size", "salient_scale", "saliency_from", "weighted",
-                 "spike_bits")
-_GIF_ONLY = ("addbit", "target", "kv_addbit")
-
-
 def _method_keys(cfg) -> dict:
-    """The quant/spiking keys the chosen method reads: `spiking=none` hashes as just its mode,
-    GPTQ-family runs ignore the OmniQuant keys and vice versa."""
-    quant = _sel(cfg, "quant")["quant"]
-    spiking = _sel(cfg, "spiking")["spiking"]
-    drop = _GPTQ_ONLY if quant["method"] == "omniquant" else _OMNI_ONLY
-    quant = {k: v for k, v in quant.items() if k not in drop}
-    if spiking["mode"] == "none":
-        spiking = {"mode": "none"}
-    else:
-        drop = _TERNARY_ONLY if spiking["mode"] == "gif" else _GIF_ONLY
-        spiking = {k: v for k, v in spiking.items() if k not in drop}
-        if spiking.get("select") == "saliency":
-            spiking.pop("seed", None)          # the seed only draws random selections
-    return {"quant": quant, "spiking": spiking}
+    """What the chosen method and spiking mode compute with: every field of their typed configs
+    (spikellm.config), minus those the config itself calls moot (`key()`), so no key list is kept
+    by hand and another method's keys cannot reach the key."""
+    q, s = method_configs(cfg)
+    return {"quant": q.key(), "spiking": s.key()}
 
 
-def method_configs(cfg) -> tuple[QuantConfig, SpikingConfig]:
-    """The typed quant/spiking configs a stage computes with, built from exactly the values its
-    key hashes (`_method_keys`); a key left out of the hash is at its default, never the user's."""
-    m = _method_keys(cfg)
-    return QuantConfig(**m["quant"]), SpikingConfig(**m["spiking"])
+def method_configs(cfg):
+    """The typed quant/spiking configs a stage computes with (`spikellm.config` instances): the
+    values its key hashes."""
+    return method_objects(cfg)
+
+
+#: what a method config `needs()` -> the stage that computes it
+NEED_STAGES = {"saliency_diags": "score", "act_absmax": "act_stats"}
 
 
 def _energy_keys(cfg) -> dict:
@@ -178,13 +160,12 @@ def stages_of(cfg) -> list[tuple[str, dict[str, str]]]:
     out = [("calibrate", {})]
     if cfg.eval.fp_baseline:
         out.append(("evaluate_fp", {}))
-    needs_score = cfg.spiking.mode == "ternary" and cfg.spiking.saliency_from == "fp"
-    if needs_score:
-        out.append(("score", {"calibrate": "calibrate"}))
-    q_deps = {"calibrate": "calibrate", **({"score": "score"} if needs_score else {})}
-    if cfg.quant.method == "omniquant" and cfg.quant.let and cfg.quant.abits < 16:
-        out.append(("act_stats", {"calibrate": "calibrate"}))
-        q_deps["act_stats"] = "act_stats"
+    q, s = method_configs(cfg)
+    q_deps = {"calibrate": "calibrate"}
+    for need in (*q.needs(), *s.needs()):
+        stage = NEED_STAGES[need]
+        out.append((stage, {"calibrate": "calibrate"}))
+        q_deps[stage] = stage
     out.append(("quantize", q_deps))
     out.append(("evaluate", {"quantize": "quantize"}))
     return out

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from spikellm.data import DataError
 
 from .artifacts import StoreIOError
-from .config import ConfigError, compose_config, expand_points, expand_sweep, recipe_sweep
+from .config import ConfigError, compose_config, compose_sweep, expand_points, expand_sweep, recipe_sweep
 from .schema import PreflightError, preflight
 from .sweep import print_sweep, run_sweep
 
@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         if not multirun and recipe_sweep(overrides):
             print(f"[spikellm] note: this recipe declares a sweep ({' '.join(recipe_sweep(overrides))}); "
                   "running its default point only, add -m to run the sweep", file=sys.stderr)
-        cfgs = [compose_config(p) for p in points]   # every point validated before any work
+        if multirun:                                 # every point validated before any work
+            cfgs, points, notes = compose_sweep(points)
+            for n in notes:
+                print(f"[spikellm] note: {n}", file=sys.stderr)
+        else:
+            cfgs = [compose_config(p) for p in points]
         if cfgs[0].dry_run:
             from .dryrun import PlanError, dry_run
             try:

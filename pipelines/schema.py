@@ -7,7 +7,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from spikellm.allocation import EnergyModel
-from spikellm.config import QuantConfig, SpikingConfig
+from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, unknown_key
 from spikellm.config import validate as validate_method
 from spikellm.data import DATASETS, SPLITS, CalibSpec, dataset_name, is_text_file
 
@@ -143,8 +143,10 @@ def open_store(cfg):
 @dataclass
 class RunCfg:
     model: ModelCfg = field(default_factory=ModelCfg)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    spiking: SpikingConfig = field(default_factory=SpikingConfig)
+    #: the chosen method's typed config (spikellm.config.QUANT_CONFIGS[quant.method]): `typed`
+    quant: Any = None
+    #: the chosen spiking mode's typed config (spikellm.config.SPIKING_CONFIGS[spiking.mode])
+    spiking: Any = None
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
@@ -204,13 +206,39 @@ def validate(cfg: Any) -> None:
     for ok, key, allowed, value in checks:
         if not ok:
             raise ValueError(f"{key}={value!r} is invalid: must be {allowed}")
-    validate_method(c.quant, c.spiking)
+    validate_method(*method_objects(c))
+
+
+def _method_schema(cfg, group: str, tag: str, table: dict[str, type], default: str):
+    """The structured node of the config class `cfg.<group>.<tag>` names, after checking that
+    every key given under `group` is one of that class's (one line naming the key otherwise)."""
+    node = cfg.get(group) if hasattr(cfg, "get") else None
+    name = str(node.get(tag, default)) if node is not None else default
+    if name not in table:
+        raise ValueError(f"{group}.{tag}={name!r} is invalid: must be one of {', '.join(table)}")
+    if node is not None:
+        err = unknown_key(table, group, name, list(node.keys()))
+        if err:
+            raise ValueError(err)
+    return OmegaConf.structured(table[name])
 
 
 def typed(cfg) -> Any:
-    """Merge a composed DictConfig into the schema (type errors and unknown keys raise)."""
+    """Merge a composed DictConfig into the schema (type errors and unknown keys raise): `quant`
+    and `spiking` into the typed config of the method and mode they name."""
     base = OmegaConf.structured(RunCfg)
+    base.quant = _method_schema(cfg, "quant", "method", QUANT_CONFIGS, "gptq")
+    base.spiking = _method_schema(cfg, "spiking", "mode", SPIKING_CONFIGS, "none")
     return OmegaConf.merge(base, cfg)
+
+
+def method_objects(cfg):
+    """(quant config, spiking config) of a composed config, as spikellm.config instances (their
+    `check()` has run: the one validation point of method keys)."""
+    from spikellm.config import QuantConfig, SpikingConfig
+    q = OmegaConf.to_container(cfg.quant, resolve=True)
+    s = OmegaConf.to_container(cfg.spiking, resolve=True)
+    return QuantConfig(**q), SpikingConfig(**s)
 
 
 class PreflightError(RuntimeError):

@@ -136,16 +136,6 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
     return metrics
 
 
-def _describe(cfg, calib: torch.Tensor) -> str:
-    q, s = cfg.quant, cfg.spiking
-    if q.method == "omniquant":
-        return (f"W{q.wbits}A{q.abits} spiking={s.mode}"
-                + (f" (ratio {s.ratio}, addbit {s.addbit}, {s.select})" if s.mode == "gif" else "")
-                + f", {q.epochs} epoch(s) on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
-    return (f"(wbits={q.wbits}) spiking={s.mode} on {calib.shape[0]} x {calib.shape[1]} "
-            f"calibration tokens")
-
-
 def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, checkpoint: Path | None,
                          origin: str, stream=None) -> dict:
     """The method's run on `model` (whole or streamed) -> module_stats.json, layer_costs.json,
@@ -158,8 +148,9 @@ def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, check
         options["saliency_diags"] = torch.load(deps["score"].file("diags.pt"), weights_only=True)
     if "act_stats" in deps:
         options["act_absmax"] = load_file(str(deps["act_stats"].file("act_scales.safetensors")))
-    say(f"quantizing {cfg.model.name}{origin}: quant={cfg.quant.method} {_describe(cfg, calib)}")
     q, s = method_configs(cfg)
+    say(f"quantizing {cfg.model.name}{origin}: {q.describe()}, spiking={s.describe() or s.mode} "
+        f"on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     report = quantize(model, calib.to(device), q, s, batch_size=cfg.batch_size, device=device,
                       progress=cfg.progress, log=say, checkpoint_dir=checkpoint, stream=stream,
                       **options)
@@ -171,8 +162,9 @@ def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, check
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
     metrics.update(energy_metrics(cfg, report.costs))
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
-    if q.epochs and report.params:
-        metrics["time/block_epoch_s"] = report.seconds / max(1, len(report.stats)) / q.epochs
+    epochs = getattr(q, "epochs", 0)                  # the methods that train per block
+    if epochs and report.params:
+        metrics["time/block_epoch_s"] = report.seconds / max(1, len(report.stats)) / epochs
     return metrics
 
 

@@ -1,145 +1,430 @@
-"""Typed configuration of the weight-quantization verb (no Hydra: plain dataclasses)."""
+"""Typed configuration of the weight-quantization verb: one dataclass per method and per spiking
+mode (plain dataclasses, no Hydra; `pipelines.config` registers them with Hydra's ConfigStore as
+the schemas of `conf/quant/*.yaml` and `conf/spiking/*.yaml`, so a YAML group cannot drift from
+its class).
+
+A config holds only the keys its method reads, and checks them once, when it is built
+(`__post_init__` → `check()`); `validate(q, s)` adds the one cross-check (which spiking mode runs
+in which pipeline). `key()` is what a cache key hashes: every field, minus those the config itself
+says have no effect in its current state (`_moot`: e.g. the selection seed under saliency).
+
+    GPTQConfig(wbits=3, group_size=64)               # RTNConfig, PBLLMConfig alike
+    OmniQuantConfig(wbits=4, abits=4, epochs=20)
+    TernarySpiking(ratio=0.2, steps=3)               # GPTQ pipeline (rtn/gptq)
+    GIFSpiking(ratio=0.1, addbit=1)                  # OmniQuant pipeline (t2)
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-METHODS = ("rtn", "gptq", "pbllm", "omniquant")
-SPIKING_MODES = ("none", "ternary", "gif")
-SELECT = ("saliency", "random")
-#: quant.k_axis values (spikellm/omni_attention.py: what each means)
-K_AXES = ("token", "channel", "channel_static")
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum, StrEnum
+from typing import Any, ClassVar, Optional
 
 
-@dataclass
-class QuantConfig:
-    """How weights are quantized. `method`: rtn (no error feedback), gptq, pbllm."""
-    method: str = "gptq"
-    wbits: int = 4
-    #: columns per quantization group; 0 = one grid per output row (per-channel)
-    group_size: int = 0
-    sym: bool = False
-    mse: bool = False
-    actorder: bool = False
-    blocksize: int = 128
-    percdamp: float = 0.01
-    #: quantize q/k/v, o, gate/up, down in order, each on inputs from the already-quantized ones
-    true_sequential: bool = True
-    #: PB-LLM: fraction of weights kept at `high_bits` (1 - low_frac)
-    salient_frac: float = 0.05
-    high_bits: int = 8
-    # ---- OmniQuant (method=omniquant; method.md §4) ----
-    #: activation bits of every linear input and of Q/K/V (16 = unquantized activations)
-    abits: int = 16
-    #: block-wise training epochs over the calibration set (0 = initialisation only)
-    epochs: int = 0
-    #: learnable weight clipping / learnable equivalent transformation
-    lwc: bool = True
-    let: bool = True
-    #: K quantization axis: "token" (per token over head_dim, OmniQuant; causal), "channel" (per
-    #: (kv head, channel) over the window's tokens, SpikeLLM's code; NON-CAUSAL: later tokens
-    #: change earlier positions' quantization), "channel_static" (per (kv head, channel) against
-    #: min/max ranges fitted on the calibration set; causal)
-    k_axis: str = "token"
-    let_lr: float = 1e-3
-    lwc_lr: float = 1e-2
-    wd: float = 0.0
-    #: SmoothQuant exponent of the LET initialisation
-    alpha: float = 0.75
-    #: OmniQuant's --aug_loss: add MSE(block_fp(q_in), block_q(q_in)) to MSE(fp_out, block_q(q_in))
-    aug_loss: bool = False
-    #: calibration samples per training step
-    train_batch: int = 1
-    #: what a NaN/inf loss does: "fail" the stage, or "fp32": retrain the block without autocast
-    nan_policy: str = "fail"
-    #: autocast (bf16) for the block training on CUDA; CPU always trains in float32
-    amp: bool = True
-    seed: int = 2
+class Method(StrEnum):
+    rtn = "rtn"
+    gptq = "gptq"
+    pbllm = "pbllm"
+    omniquant = "omniquant"
 
 
-@dataclass
-class SpikingConfig:
-    """SpikeLLM spiking weights. `mode=ternary`: every weight column is a T-step ternary GIF;
-    the top `ratio` of weights (`granularity=element`, per output row) or of columns
-    (`granularity=column`) by Hessian saliency (or at random) get `steps` steps, the rest 1."""
-    mode: str = "none"
-    ratio: float = 0.0
-    steps: int = 1
-    select: str = "saliency"
-    #: columns sharing one ternary threshold per output row (0 = one per row); the W-bit grids
-    #: of quant=rtn/gptq use quant.group_size instead
-    group_size: int = 0
-    #: "own": salient weights get their own MSE threshold; "shared": the normal weights' one
-    salient_scale: str = "own"
-    #: unit of saliency: "column" (input channel, SpikeLLM's unit) or "element" (PB-LLM's)
-    granularity: str = "column"
-    #: Hessians the saliency is scored on: "sequential" (the quantized prefix's activations,
-    #: as GPTQ sees them) or "fp" (the full-precision model's: one score set per calibration
-    #: set, shared by every allocation of a sweep)
-    saliency_from: str = "sequential"
-    #: weight the threshold search by the OBS column importance 1/U_jj²
-    weighted: bool = False
-    seed: int = 0
-    #: bits counted per ternary spike in ACE (a ±1/0 spike is one signed accumulate)
-    spike_bits: float = 1.0
-    # ---- GIF spiking in the OmniQuant pipeline (mode=gif) ----
-    #: salient channels get 2**addbit GIF steps, i.e. bits+addbit over the same range
-    addbit: int = 1
-    #: what spikes: "act" (linear inputs and K/V), "weight" (Hessian-salient weight columns),
-    #: "both", or "auto" (weights when quant.wbits < quant.abits, e.g. W2A8/W2A16, else activations)
-    target: str = "auto"
-    #: GIF steps of the salient K/V channels (SpikeLLM forces 1 extra bit: 2 steps)
-    kv_addbit: int = 1
+class Select(StrEnum):
+    saliency = "saliency"
+    random = "random"
 
-    def spikes_acts(self, q: "QuantConfig") -> bool:
-        if self.mode != "gif":
-            return False
-        if self.target == "auto":
+
+class KAxis(StrEnum):
+    """K quantization axis (spikellm/omni_attention.py): `token` per token over head_dim
+    (OmniQuant; causal); `channel` per (kv head, channel) over the window's tokens (SpikeLLM's
+    code; NON-CAUSAL); `channel_static` per (kv head, channel) against ranges fitted on the
+    calibration set (causal)."""
+    token = "token"
+    channel = "channel"
+    channel_static = "channel_static"
+
+
+class NanPolicy(StrEnum):
+    fail = "fail"
+    fp32 = "fp32"
+
+
+class SalientScale(StrEnum):
+    own = "own"
+    shared = "shared"
+
+
+class Granularity(StrEnum):
+    column = "column"
+    element = "element"
+
+
+class SaliencyFrom(StrEnum):
+    sequential = "sequential"
+    fp = "fp"
+
+
+class Target(StrEnum):
+    auto = "auto"
+    act = "act"
+    weight = "weight"
+    both = "both"
+
+
+def doc(default: Any, text: str, **kw):
+    """A dataclass field with its documentation (`fields(cls)[i].metadata["doc"]`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its documentation} of a config class."""
+    return {f.name: f.metadata.get("doc", "") for f in fields(cls)}
+
+
+class _Checked:
+    """Shared behaviour: range checks at construction, the cache-key view."""
+    #: the config group and option name this class is the schema of (set by subclasses)
+    group: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for f in fields(self):          # plain-Python callers may pass strings for enum fields
+            t = _ENUMS.get(f.name)
+            v = getattr(self, f.name)
+            if t is not None and isinstance(v, str) and not isinstance(v, t):
+                if v not in t.__members__:
+                    raise ValueError(f"{self.group}.{f.name}={v!r} is invalid: must be one of "
+                                     f"{', '.join(t.__members__)}")
+                setattr(self, f.name, t(v))
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad key, its value and what is allowed."""
+
+    def _moot(self) -> tuple[str, ...]:
+        """Fields that have no effect in this state (left out of the cache key)."""
+        return ()
+
+    def needs(self) -> tuple[str, ...]:
+        """Inputs this config needs computed before the method runs, by `quantize()`'s keyword:
+        "saliency_diags" (`fp_saliency_diagonals`), "act_absmax" (`activation_absmax`)."""
+        return ()
+
+    def describe(self) -> str:
+        """A short human-readable summary (progress lines, logs)."""
+        return ""
+
+    def key(self) -> dict:
+        """Every field that changes what is computed, enums as their values (JSON-ready)."""
+        moot = self._moot()
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()
+                if k not in moot}
+
+    def _fail(self, name: str, allowed: str) -> None:
+        raise ValueError(f"{self.group}.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+    def _require(self, checks) -> None:
+        for ok, name, allowed in checks:
+            if not ok:
+                self._fail(name, allowed)
+
+
+_ENUMS = {"method": Method, "select": Select, "k_axis": KAxis, "nan_policy": NanPolicy,
+          "salient_scale": SalientScale, "granularity": Granularity,
+          "saliency_from": SaliencyFrom, "target": Target}
+
+
+# ------------------------------------------------------------------------------ methods
+
+@dataclass(kw_only=True)
+class _GPTQFamily(_Checked):
+    """What every method of the GPTQ pipeline reads (the column-wise solve, `gptq.gptq_solve`)."""
+    group: ClassVar[str] = "quant"
+    group_size: int = doc(0, "columns per quantization group (grid, scale); 0 = one per output row")
+    actorder: bool = doc(False, "quantize columns in order of decreasing Hessian diagonal")
+    blocksize: int = doc(128, "columns per lazy-batch block of the solve")
+    percdamp: float = doc(0.01, "Hessian damping, as a fraction of its mean diagonal")
+    true_sequential: bool = doc(True, "quantize q/k/v, o, gate/up, down in order, each on inputs "
+                                      "from the already-quantized ones")
+
+    def _family_checks(self):
+        return [(self.group_size >= 0 or self.group_size == -1, "group_size",
+                 "0 (per output row) or a positive column count"),
+                (self.blocksize >= 1, "blocksize", ">= 1"),
+                (0 <= self.percdamp < 1, "percdamp", "in [0, 1)")]
+
+
+@dataclass(kw_only=True)
+class _UniformGrid(_GPTQFamily):
+    wbits: int = doc(4, "bits of the uniform weight grid (moot with spiking=ternary: the spikes set the grid)")
+    sym: bool = doc(False, "symmetric grid (zero point at the middle code)")
+    mse: bool = doc(False, "search the clipping range that minimises the grid's squared error")
+
+    def check(self) -> None:
+        self._require([(1 <= self.wbits <= 16, "wbits", "an integer in 1..16"), *self._family_checks()])
+
+    def describe(self) -> str:
+        return f"{self.method} W{self.wbits} " + (f"g{self.group_size}" if self.group_size else "per row")
+
+
+@dataclass(kw_only=True)
+class RTNConfig(_UniformGrid):
+    """Round-to-nearest on GPTQ's grid, no error feedback (the Hessian is still collected when
+    spiking needs a saliency)."""
+    method: Method = doc(Method.rtn, "rtn")
+
+    def check(self) -> None:
+        if self.method != Method.rtn:
+            self._fail("method", "rtn for RTNConfig")
+        super().check()
+
+
+@dataclass(kw_only=True)
+class GPTQConfig(_UniformGrid):
+    """GPTQ (Frantar et al. 2022): column-wise OBS updates on a uniform W-bit grid. With
+    `TernarySpiking` this is SpikeLLM's GPTQ pipeline."""
+    method: Method = doc(Method.gptq, "gptq")
+
+    def check(self) -> None:
+        if self.method != Method.gptq:
+            self._fail("method", "gptq for GPTQConfig")
+        super().check()
+
+
+@dataclass(kw_only=True)
+class PBLLMConfig(_GPTQFamily):
+    """PB-LLM (Shang et al. 2023), GPTQ variant: `salient_frac` of the weights (Hessian metric,
+    per element) at `high_bits`, the rest binarized around the mean (per row, or per group)."""
+    method: Method = doc(Method.pbllm, "pbllm")
+    wbits: int = doc(1, "bits of the non-salient weights: always 1 (binarized)")
+    salient_frac: float = doc(0.05, "fraction of weights kept at high_bits (1 - low_frac)")
+    high_bits: int = doc(8, "bits of the salient weights")
+
+    def check(self) -> None:
+        self._require([(self.method == Method.pbllm, "method", "pbllm for PBLLMConfig"),
+                       (self.wbits == 1, "wbits", "1 (PB-LLM binarizes the non-salient weights; "
+                        "set quant.salient_frac / quant.high_bits)"),
+                       (0 <= self.salient_frac <= 1, "salient_frac", "in [0, 1]"),
+                       (2 <= self.high_bits <= 16, "high_bits", "in 2..16"),
+                       *self._family_checks()])
+
+    def describe(self) -> str:
+        return (f"pbllm {self.salient_frac:g} at {self.high_bits} bits, rest binary "
+                + (f"g{self.group_size}" if self.group_size else "per row"))
+
+
+@dataclass(kw_only=True)
+class OmniQuantConfig(_Checked):
+    """OmniQuant (Shao et al. 2024) as SpikeLLM runs it (method.md §4): learnable weight clipping
+    (LWC) + learnable equivalent transformation (LET), block-wise AdamW against the
+    full-precision block outputs. With `GIFSpiking` the salient channels spike."""
+    group: ClassVar[str] = "quant"
+    method: Method = doc(Method.omniquant, "omniquant")
+    wbits: int = doc(4, "weight bits (LWC grid, asymmetric)")
+    abits: int = doc(16, "activation bits of every linear input and of Q/K/V (16 = unquantized)")
+    group_size: int = doc(0, "weight columns per LWC range; 0 = one per output channel")
+    epochs: int = doc(0, "block-wise training epochs over the calibration set (0 = initialisation only)")
+    lwc: bool = doc(True, "learnable weight clipping")
+    let: bool = doc(True, "learnable equivalent transformation (with quantized activations)")
+    k_axis: KAxis = doc(KAxis.token, "K quantization axis: token (causal), channel (SpikeLLM's code, "
+                                     "NON-CAUSAL) or channel_static (fitted ranges, causal)")
+    let_lr: float = doc(1e-3, "AdamW learning rate of the LET parameters")
+    lwc_lr: float = doc(1e-2, "AdamW learning rate of the LWC parameters")
+    wd: float = doc(0.0, "AdamW weight decay")
+    alpha: float = doc(0.75, "SmoothQuant exponent of the LET initialisation")
+    aug_loss: bool = doc(False, "OmniQuant's --aug_loss: add MSE(block_fp(q_in), block_q(q_in))")
+    train_batch: int = doc(1, "calibration samples per training step")
+    nan_policy: NanPolicy = doc(NanPolicy.fail, "a NaN/inf loss: fail the stage, or fp32: retrain "
+                                                "the block without autocast")
+    amp: bool = doc(True, "bf16 autocast for the block training on CUDA (CPU trains in float32)")
+    seed: int = doc(2, "seed of the training order and initialisation")
+    percdamp: float = doc(0.01, "damping of the Hessians behind weight spiking (W2A8/W2A16)")
+
+    def check(self) -> None:
+        self._require([
+            (self.method == Method.omniquant, "method", "omniquant for OmniQuantConfig"),
+            (1 <= self.wbits <= 16, "wbits", "an integer in 1..16"),
+            (1 <= self.abits <= 16, "abits", "an integer in 1..16"),
+            (self.group_size >= 0, "group_size", "0 (per output channel) or a positive column count"),
+            (self.epochs >= 0, "epochs", ">= 0"),
+            (self.train_batch >= 1, "train_batch", ">= 1"),
+            (0 <= self.alpha <= 1, "alpha", "in [0, 1]"),
+            (0 <= self.percdamp < 1, "percdamp", "in [0, 1)"),
+            (min(self.let_lr, self.lwc_lr, self.wd) >= 0, "let_lr", "non-negative (lwc_lr, wd too)"),
+        ])
+
+    def needs(self) -> tuple[str, ...]:
+        return ("act_absmax",) if self.let and self.abits < 16 else ()   # LET starts from them
+
+    def describe(self) -> str:
+        return f"omniquant W{self.wbits}A{self.abits} K per {self.k_axis}, {self.epochs} epoch(s)"
+
+
+#: quant.method -> its config class
+QUANT_CONFIGS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig, "pbllm": PBLLMConfig,
+                                  "omniquant": OmniQuantConfig}
+METHODS = tuple(QUANT_CONFIGS)
+
+
+# ------------------------------------------------------------------------------ spiking
+
+@dataclass(kw_only=True)
+class NoSpiking(_Checked):
+    """No spiking: the method's plain quantization."""
+    group: ClassVar[str] = "spiking"
+    #: methods this mode runs with
+    methods: ClassVar[tuple[str, ...]] = METHODS
+    mode: str = doc("none", "none")
+
+    def check(self) -> None:
+        self._require([(self.mode == "none", "mode", "none for NoSpiking")])
+
+
+@dataclass(kw_only=True)
+class TernarySpiking(_Checked):
+    """SpikeLLM ternary spiking weights (GPTQ pipeline): every weight is a T-step bi-directional
+    GIF (symmetric (2T+1)-level grid α·{-T..T}); the top `ratio` of weights (`granularity=element`)
+    or of input columns (`column`) by Hessian saliency W²/U_jj² (or at random) get `steps` steps,
+    the rest 1. Equal steps = (1 - ratio) + ratio·steps."""
+    group: ClassVar[str] = "spiking"
+    methods: ClassVar[tuple[str, ...]] = ("rtn", "gptq")
+    mode: str = doc("ternary", "ternary")
+    ratio: float = doc(0.2, "fraction of weights (or columns) that get `steps` steps")
+    steps: int = doc(3, "GIF steps of the salient weights")
+    select: Select = doc(Select.saliency, "saliency (Hessian) or random (the same cost, a control)")
+    granularity: Granularity = doc(Granularity.element, "unit of saliency: element (per weight, "
+                                                        "PB-LLM's) or column (input channel)")
+    group_size: Optional[int] = doc(None, "columns sharing one ternary threshold per row; None = the "
+                                          "quant config's group_size (equal granularity), 0 = per row")
+    salient_scale: SalientScale = doc(SalientScale.own, "own: salient weights get their own MSE "
+                                                        "threshold; shared: the normal weights' one")
+    saliency_from: SaliencyFrom = doc(SaliencyFrom.sequential, "Hessians the saliency is scored on: "
+                                      "sequential (the quantized prefix's) or fp (full precision)")
+    weighted: bool = doc(False, "weight the threshold search by the OBS importance 1/U_jj²")
+    seed: int = doc(0, "seed of a random selection")
+    spike_bits: float = doc(1.0, "bits counted per ternary spike in ACE (one signed accumulate)")
+
+    def check(self) -> None:
+        self._require([
+            (self.mode == "ternary", "mode", "ternary for TernarySpiking"),
+            (0 <= self.ratio <= 1, "ratio", "in [0, 1]"),
+            (1 <= self.steps <= 64, "steps", "an integer in 1..64"),
+            (self.group_size is None or self.group_size >= 0, "group_size",
+             "0 (per row), a positive column count, or null (quant.group_size)"),
+            (self.spike_bits > 0, "spike_bits", "> 0"),
+        ])
+
+    def _moot(self):
+        return ("seed",) if self.select == Select.saliency else ()
+
+    def needs(self) -> tuple[str, ...]:
+        return ("saliency_diags",) if self.saliency_from == SaliencyFrom.fp else ()
+
+    def describe(self) -> str:
+        return (f"ternary {self.ratio:g} x {self.steps} steps ({self.granularity}, {self.select})")
+
+    def threshold_group(self, q) -> int:
+        """Columns per ternary threshold group for quant config `q`."""
+        return q.group_size if self.group_size is None else self.group_size
+
+
+@dataclass(kw_only=True)
+class GIFSpiking(_Checked):
+    """SpikeLLM GIF spiking in the OmniQuant pipeline (t2: ratio 0.1, addbit 1; t4: 0.05, 2): the
+    salient channels get 2**addbit GIF steps, i.e. bits + addbit over the same range; salient
+    K/V channels 2**kv_addbit. What spikes follows `target`."""
+    group: ClassVar[str] = "spiking"
+    methods: ClassVar[tuple[str, ...]] = ("omniquant",)
+    mode: str = doc("gif", "gif")
+    ratio: float = doc(0.1, "fraction of channels that spike with more steps")
+    addbit: int = doc(1, "salient channels get 2**addbit GIF steps")
+    steps: Optional[int] = doc(None, "= 2**addbit (set addbit); None fills it in")
+    select: Select = doc(Select.saliency, "saliency or random (the same cost, a control)")
+    target: Target = doc(Target.auto, "what spikes: act (linear inputs and K/V), weight "
+                         "(Hessian-salient columns), both, or auto (weights when wbits < abits)")
+    kv_addbit: int = doc(1, "GIF steps of the salient K/V channels: 2**kv_addbit")
+    seed: int = doc(0, "seed of a random selection")
+
+    def check(self) -> None:
+        if self.steps is None and 0 <= self.addbit <= 8:
+            self.steps = 2 ** self.addbit
+        self._require([
+            (self.mode == "gif", "mode", "gif for GIFSpiking"),
+            (0 <= self.ratio <= 1, "ratio", "in [0, 1]"),
+            (0 <= self.addbit <= 8, "addbit", "an integer in 0..8"),
+            (0 <= self.kv_addbit <= 8, "kv_addbit", "an integer in 0..8"),
+            (self.steps == 2 ** self.addbit, "steps",
+             f"2**spiking.addbit = {2 ** self.addbit} in gif mode (set spiking.addbit instead)"),
+        ])
+
+    def _moot(self):
+        return ("seed",) if self.select == Select.saliency else ()
+
+    def describe(self) -> str:
+        return f"gif {self.ratio:g} x {self.steps} steps ({self.target}, {self.select})"
+
+    def spikes_acts(self, q) -> bool:
+        if self.target == Target.auto:
             return not q.wbits < q.abits
-        return self.target in ("act", "both")
+        return self.target in (Target.act, Target.both)
 
-    def spikes_weights(self, q: "QuantConfig") -> bool:
-        if self.mode != "gif":
-            return False
-        if self.target == "auto":
+    def spikes_weights(self, q) -> bool:
+        if self.target == Target.auto:
             return q.wbits < q.abits
-        return self.target in ("weight", "both")
+        return self.target in (Target.weight, Target.both)
 
 
-def validate(q: QuantConfig, s: SpikingConfig) -> None:
-    """Raise ValueError naming the first bad key and its allowed values."""
-    checks = [
-        (q.method in METHODS, "quant.method", f"one of {', '.join(METHODS)}", q.method),
-        (1 <= q.wbits <= 16, "quant.wbits", "an integer in 1..16", q.wbits),
-        (q.group_size >= 0 or q.group_size == -1, "quant.group_size", "0 (per-channel) or a positive column count", q.group_size),
-        (q.blocksize >= 1, "quant.blocksize", ">= 1", q.blocksize),
-        (0 <= q.percdamp < 1, "quant.percdamp", "in [0, 1)", q.percdamp),
-        (0 <= q.salient_frac <= 1, "quant.salient_frac", "in [0, 1]", q.salient_frac),
-        (2 <= q.high_bits <= 16, "quant.high_bits", "in 2..16", q.high_bits),
-        (s.mode in SPIKING_MODES, "spiking.mode", f"one of {', '.join(SPIKING_MODES)}", s.mode),
-        (0 <= s.ratio <= 1, "spiking.ratio", "in [0, 1]", s.ratio),
-        (1 <= s.steps <= 64, "spiking.steps", "an integer in 1..64", s.steps),
-        (s.select in SELECT, "spiking.select", f"one of {', '.join(SELECT)}", s.select),
-        (s.salient_scale in ("own", "shared"), "spiking.salient_scale", "own or shared", s.salient_scale),
-        (s.group_size >= 0, "spiking.group_size", "0 (per row) or a positive column count", s.group_size),
-        (s.granularity in ("column", "element"), "spiking.granularity", "column or element", s.granularity),
-        (s.saliency_from in ("sequential", "fp"), "spiking.saliency_from", "sequential or fp", s.saliency_from),
-        (not (q.method == "pbllm" and s.mode != "none"), "spiking", "none with quant=pbllm", s.mode),
-        (1 <= q.abits <= 16, "quant.abits", "an integer in 1..16", q.abits),
-        (q.epochs >= 0, "quant.epochs", ">= 0", q.epochs),
-        (q.k_axis in K_AXES, "quant.k_axis", "token (causal), channel (non-causal, SpikeLLM code) "
-         "or channel_static (causal, fitted ranges)", q.k_axis),
-        (q.train_batch >= 1, "quant.train_batch", ">= 1", q.train_batch),
-        (q.nan_policy in ("fail", "fp32"), "quant.nan_policy", "fail or fp32", q.nan_policy),
-        (0 <= q.alpha <= 1, "quant.alpha", "in [0, 1]", q.alpha),
-        (0 <= s.addbit <= 8, "spiking.addbit", "an integer in 0..8", s.addbit),
-        (s.target in ("auto", "act", "weight", "both"), "spiking.target", "auto, act, weight or both", s.target),
-        (not (s.mode == "gif" and q.method != "omniquant"), "spiking",
-         "ternary or none with quant=" + q.method + " (spiking=t2/t4 need quant=omniquant)", s.mode),
-        (not (s.mode == "ternary" and q.method == "omniquant"), "spiking",
-         "none, t2 or t4 with quant=omniquant", s.mode),
-        (not (s.mode == "gif" and s.steps != 2 ** s.addbit), "spiking.steps",
-         f"2**spiking.addbit = {2 ** s.addbit} in gif mode (set spiking.addbit instead)", s.steps),
-    ]
-    for ok, key, allowed, value in checks:
-        if not ok:
-            raise ValueError(f"{key}={value!r} is invalid: must be {allowed}")
+#: spiking.mode -> its config class
+SPIKING_CONFIGS: dict[str, type] = {"none": NoSpiking, "ternary": TernarySpiking, "gif": GIFSpiking}
+SPIKING_MODES = tuple(SPIKING_CONFIGS)
+SELECT = tuple(Select.__members__)
+K_AXES = tuple(KAxis.__members__)
+
+MethodConfig = RTNConfig | GPTQConfig | PBLLMConfig | OmniQuantConfig
+SpikingMode = NoSpiking | TernarySpiking | GIFSpiking
+
+
+def unknown_key(table: dict[str, type], group: str, name: str, keys) -> str | None:
+    """A one-line error for the first of `keys` that the config class `table[name]` lacks, naming
+    the options that have it; None when all are known."""
+    names = {f.name for f in fields(table[name])}
+    extra = sorted(set(keys) - names)
+    if not extra:
+        return None
+    owners = [m for m, c in table.items() if extra[0] in {f.name for f in fields(c)}]
+    hint = f" (it belongs to {group}={', '.join(owners)})" if owners else ""
+    return f"{group}.{extra[0]} is not a key of {group}={name}{hint}; its keys: {', '.join(sorted(names))}"
+
+
+def _build(table: dict[str, type], group: str, tag: str, name: str, kw: dict):
+    if name not in table:
+        raise ValueError(f"{group}.{tag}={name!r} is invalid: must be one of {', '.join(table)}")
+    err = unknown_key(table, group, name, kw)
+    if err:
+        raise ValueError(err)
+    return table[name](**{tag: name, **kw})
+
+
+def QuantConfig(method: str = "gptq", **kw) -> MethodConfig:  # noqa: N802 (the pre-split name)
+    """The config of `method` (rtn, gptq, pbllm, omniquant) with `kw`; a key that method does not
+    read is a ValueError naming it."""
+    return _build(QUANT_CONFIGS, "quant", "method", str(method), kw)
+
+
+def SpikingConfig(mode: str = "none", **kw) -> SpikingMode:  # noqa: N802
+    """The config of spiking `mode` (none, ternary, gif) with `kw` (same rules as QuantConfig)."""
+    return _build(SPIKING_CONFIGS, "spiking", "mode", str(mode), kw)
+
+
+def validate(q, s) -> None:
+    """The cross-check of a (method, spiking) pair (each config checked its own fields when it
+    was built). Raise ValueError naming the key and the fix."""
+    q.check()
+    s.check()
+    if q.method not in s.methods:
+        if s.mode == "gif":
+            allowed = f"ternary or none with quant={q.method} (spiking=t2/t4 need quant=omniquant)"
+        elif q.method == "omniquant":
+            allowed = "none, t2 or t4 with quant=omniquant"
+        else:
+            allowed = f"none with quant={q.method}"
+        raise ValueError(f"spiking={s.mode!r} is invalid: must be {allowed}")

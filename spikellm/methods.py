@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .blockwise import BlockMethod
-from .config import QuantConfig, SpikingConfig
+from .config import MethodConfig, SpikingMode
 from .models import FamilySpec
 from .omniquant import OmniQuant
 from .quantize import GPTQFamily
@@ -27,7 +27,7 @@ for _name in ("rtn", "gptq", "pbllm"):
 register("omniquant", OmniQuant)
 
 
-def make_method(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, **options) -> BlockMethod:
+def make_method(q: MethodConfig, s: SpikingMode, spec: FamilySpec, **options) -> BlockMethod:
     """The plug-in for `q.method`, built with `options` (batch_size, device, log, and the
     method's own, e.g. saliency_diags for the GPTQ family, act_absmax for OmniQuant)."""
     if q.method not in METHODS:
@@ -35,7 +35,7 @@ def make_method(q: QuantConfig, s: SpikingConfig, spec: FamilySpec, **options) -
     return METHODS[q.method](q, s, spec, **options)
 
 
-def restore_quantized(model, spec: FamilySpec, q: QuantConfig, s: SpikingConfig, directory) -> None:
+def restore_quantized(model, spec: FamilySpec, q: MethodConfig, s: SpikingMode, directory) -> None:
     """Finish loading a streamed quantized checkpoint (`directory`, safetensors shards) that
     `from_pretrained` loaded as weights only: the method's runtime modules are rebuilt
     (`BlockMethod.restore_for_inference`) and the tensors they own (salient masks, K ranges)

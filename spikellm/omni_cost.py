@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .allocation import LayerCost, layer_cost, mask_bits, storage_bits_per_weight, total_cost
-from .config import QuantConfig, SpikingConfig
+from .config import MethodConfig, SpikingMode
 
 
-def quantlinear_cost(name: str, m: nn.Module, q: QuantConfig, s: SpikingConfig
+def quantlinear_cost(name: str, m: nn.Module, q: MethodConfig, s: SpikingMode
                      ) -> tuple[LayerCost, LayerCost]:
     """-> (the cost of one folded QuantLinear `m`, the same layer as the plain one-step W/A
     baseline), per token."""
@@ -45,7 +45,7 @@ def quantlinear_cost(name: str, m: nn.Module, q: QuantConfig, s: SpikingConfig
     return cost, base
 
 
-def block_layer_costs(module: nn.Module, prefix: str, q: QuantConfig, s: SpikingConfig
+def block_layer_costs(module: nn.Module, prefix: str, q: MethodConfig, s: SpikingMode
                       ) -> list[tuple[LayerCost, LayerCost]]:
     """(cost, baseline) of every QuantLinear under `module`, named `prefix` + its path."""
     from .omniquant import QuantLinear
@@ -53,7 +53,7 @@ def block_layer_costs(module: nn.Module, prefix: str, q: QuantConfig, s: Spiking
             if isinstance(m, QuantLinear)]
 
 
-def omniquant_layer_costs(model: nn.Module, q: QuantConfig, s: SpikingConfig
+def omniquant_layer_costs(model: nn.Module, q: MethodConfig, s: SpikingMode
                           ) -> tuple[list[LayerCost], list[LayerCost]]:
     """-> (the cost of every QuantLinear, the same layers as the plain one-step W/A baseline)."""
     pairs = block_layer_costs(model, "", q, s)
@@ -68,6 +68,6 @@ def cost_summary(layers: list[LayerCost], base: list[LayerCost]) -> dict[str, fl
     return out
 
 
-def omniquant_cost(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> dict[str, float]:
+def omniquant_cost(model: nn.Module, q: MethodConfig, s: SpikingMode) -> dict[str, float]:
     """`cost_summary` over every QuantLinear of `model`."""
     return cost_summary(*omniquant_layer_costs(model, q, s))

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from .allocation import LayerCost, salient_mask
 from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, ModuleStats,
                         forward_block, peak_memory_gb, run_blockwise)
-from .config import QuantConfig, SpikingConfig
+from .config import GIFSpiking, MethodConfig, SpikingMode
 from .gif import integer_codes, per_token_params, spike_train
 from .hessian import HessianAccumulator, prepare_hessian
 from .let import ROLES, LETParams, fold_norms, smooth_init, transformed_weight
@@ -128,19 +128,20 @@ def _attn_shape(block: nn.Module) -> tuple[int, int, int]:
     return heads, kv_heads, attn.head_dim
 
 
-def wrap_block(block: nn.Module, spec: FamilySpec, q: QuantConfig, s: SpikingConfig,
+def wrap_block(block: nn.Module, spec: FamilySpec, q: MethodConfig, s: SpikingMode,
                train: bool = True) -> dict[str, QuantLinear]:
     """Replace the block's linears by QuantLinears (activation quantizers of `quant.abits`
     with empty masks; with `train`, LWC weight quantizers of `quant.wbits`) and give its
     attention a KVQuantizer when activations are quantized. Returns name -> QuantLinear."""
+    addbit, kv_addbit = (s.addbit, s.kv_addbit) if isinstance(s, GIFSpiking) else (1, 1)
     out = {}
     for name in spec.linears():
         lin = block.get_submodule(name)
         if isinstance(lin, QuantLinear):
             out[name] = lin
             continue
-        aq = GIFActQuantizer(q.abits, lin.in_features, addbit=s.addbit) if q.abits < 16 else None
-        wq = (LWCWeightQuantizer(q.wbits, tuple(lin.weight.shape), q.group_size, q.lwc, s.addbit)
+        aq = GIFActQuantizer(q.abits, lin.in_features, addbit=addbit) if q.abits < 16 else None
+        wq = (LWCWeightQuantizer(q.wbits, tuple(lin.weight.shape), q.group_size, q.lwc, addbit)
               if train and q.wbits < 16 else None)
         ql = QuantLinear(lin, aq, wq).to(lin.weight.device)
         ql.role = ROLES.get(name)
@@ -149,11 +150,11 @@ def wrap_block(block: nn.Module, spec: FamilySpec, q: QuantConfig, s: SpikingCon
     if q.abits < 16 and getattr(block.self_attn, "kv_quant", None) is None:
         _, kv_heads, head_dim = _attn_shape(block)
         block.self_attn.kv_quant = KVQuantizer(q.abits, kv_heads, head_dim, q.k_axis,
-                                               s.kv_addbit).to(block.self_attn.q_proj.weight.device)
+                                               kv_addbit).to(block.self_attn.q_proj.weight.device)
     return out
 
 
-def wrap_for_inference(model: nn.Module, q: QuantConfig, s: SpikingConfig) -> None:
+def wrap_for_inference(model: nn.Module, q: MethodConfig, s: SpikingMode) -> None:
     """Give a freshly loaded model the runtime modules of a quantized one (activation and KV
     quantizers with empty masks) so that its saved state dict, masks included, loads back."""
     spec = family_of(model)
@@ -224,7 +225,7 @@ def activation_absmax(model: nn.Module, calib_ids: torch.Tensor, device="cpu", b
     return out
 
 
-def _mask_pass(block, linears, inputs: BlockInputs, q: QuantConfig, s: SpikingConfig, seed: int,
+def _mask_pass(block, linears, inputs: BlockInputs, q: MethodConfig, s: SpikingMode, seed: int,
                batch_size: int) -> dict[str, int]:
     """Compute and set the salient masks of one block from a full-precision forward on the
     quantized prefix's outputs. Returns {name: salient count}."""
@@ -326,7 +327,7 @@ def block_loss(out: torch.Tensor, fp_out: torch.Tensor, fp_aug: torch.Tensor | N
     return loss
 
 
-def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q: QuantConfig,
+def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q: MethodConfig,
                  i: int, use_amp: bool, log, fp_aug: torch.Tensor | None = None) -> list[float]:
     """AdamW over (LET: let_lr, LWC: lwc_lr) for q.epochs on `block_loss(block(q_in), fp_out,
     fp_aug)` (fp_aug [N, seqlen, hidden] with quant.aug_loss, else None); returns the mean loss
@@ -406,7 +407,7 @@ def _lwc_state(linears) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------ the loop
 
-def _equal_steps(q: QuantConfig, s: SpikingConfig) -> float:
+def _equal_steps(q: MethodConfig, s: SpikingMode) -> float:
     """Average GIF steps per spiking channel: 1 + r·(2**addbit − 1) where something spikes."""
     if s.mode != "gif" or not (s.spikes_acts(q) or s.spikes_weights(q)):
         return 1.0
@@ -422,7 +423,7 @@ class OmniQuant(BlockMethod):
     without it the same maxima are taken from the full-precision pass of each block."""
     streams = ("fp", "q")
 
-    def __init__(self, q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int = 8,
+    def __init__(self, q: MethodConfig, s: SpikingMode, spec: FamilySpec, batch_size: int = 8,
                  device="cpu", log=None, act_absmax: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.q, self.s, self.spec, self.batch_size = q, s, spec, batch_size
@@ -506,12 +507,12 @@ class OmniQuant(BlockMethod):
         return BlockResult(rows=[row], costs=costs, streams={"fp": fp_out, "q": q_out}, extra=params)
 
 
-def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig, s: SpikingConfig,
+def omniquant(model: nn.Module, calib_ids: torch.Tensor, q: MethodConfig, s: SpikingMode,
               device="cpu", batch_size: int = 8, progress: bool = True,
               checkpoint_dir: str | os.PathLike | None = None, log=None,
               act_absmax: dict[str, torch.Tensor] | None = None, stream=None):
     """Quantize `model` in place with OmniQuant (+ SpikeLLM GIF spiking when `s.mode == "gif"`):
-    the `OmniQuant` plug-in on the engine (`quantize(model, ids, QuantConfig(method="omniquant"))`
+    the `OmniQuant` plug-in on the engine (`quantize(model, ids, OmniQuantConfig(...))`
     is the same run and returns a QuantReport with costs).
 
     calib_ids [N, seqlen]. Returns (stats rows, params) where params holds the trained LET

@@ -1,4 +1,4 @@
-"""`quantize(model, calib_ids, QuantConfig, SpikingConfig)`: weight-only post-training
+"""`quantize(model, calib_ids, GPTQConfig(...), spiking=TernarySpiking(...))`: weight-only post-training
 quantization of every decoder-block linear, block by block (GPTQ pipeline, method.md §5).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from .allocation import LayerCost, allocate_steps, layer_cost, storage_bits_per_weight, total_cost
 from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, ModuleStats,
                         forward_block, peak_memory_gb, run_blockwise)
-from .config import QuantConfig, SpikingConfig, validate
+from .config import MethodConfig, NoSpiking, SpikingMode, validate
 from .gptq import gptq_solve
 from .hessian import HessianAccumulator, prepare_hessian
 from .models import FamilySpec, family_of, get_module
@@ -32,7 +32,7 @@ class QuantReport:
     params: dict = field(default_factory=dict)
 
 
-def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.Tensor,
+def _make_quantizer(q: MethodConfig, s: SpikingMode, W: torch.Tensor, U: torch.Tensor,
                     seed: int):
     """Returns (quantizer, steps per column [C_in], extra_bits per column or None)."""
     C_in = W.shape[1]
@@ -49,13 +49,13 @@ def _make_quantizer(q: QuantConfig, s: SpikingConfig, W: torch.Tensor, U: torch.
         else:
             steps = allocate_steps(hessian_column_saliency(W, U), s.ratio, s.steps, s.select, seed)
         col_steps = steps.float().mean(0) if steps.dim() == 2 else steps
-        return (TernaryGIFQuantizer(steps, s.group_size, s.salient_scale, s.weighted),
+        return (TernaryGIFQuantizer(steps, s.threshold_group(q), s.salient_scale, s.weighted),
                 col_steps, None, None)
     return UniformQuantizer(q.wbits, q.group_size, q.sym, q.mse), torch.ones(C_in, dtype=torch.long), None, None
 
 
-def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: QuantConfig,
-                    s: SpikingConfig, seed: int = 0, log=print,
+def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: MethodConfig,
+                    s: SpikingMode, seed: int = 0, log=print,
                     saliency_diag: torch.Tensor | None = None) -> tuple[dict, LayerCost]:
     """Quantize one linear in place. H [C_in, C_in] from calibration (None: RTN, no Hessian).
 
@@ -97,7 +97,7 @@ class GPTQFamily(BlockMethod):
     `quantize_linear` (RTN, GPTQ, PB-LLM, ternary spiking), in `spec.sequential` groups whose
     Hessians come from the quantized prefix's activations (`quant.true_sequential`)."""
 
-    def __init__(self, q: QuantConfig, s: SpikingConfig, spec: FamilySpec, batch_size: int = 8,
+    def __init__(self, q: MethodConfig, s: SpikingMode, spec: FamilySpec, batch_size: int = 8,
                  log=print, saliency_diags: dict | None = None, device="cpu"):
         """`device` is where the engine runs; the solves run where each weight lives."""
         super().__init__()
@@ -131,7 +131,7 @@ class GPTQFamily(BlockMethod):
                 H = acc.H if acc.nsamples else None
                 diag = None if self.saliency_diags is None else self.saliency_diags[f"{i}.{name}"]
                 info, cost = quantize_linear(f"{i}.{name}", layer, H, q, s,
-                                             seed=s.seed * 100003 + i * 101 + k, log=self.log,
+                                             seed=getattr(s, "seed", 0) * 100003 + i * 101 + k, log=self.log,
                                              saliency_diag=diag)
                 cost.name = f"{i}.{name}"
                 costs.append(cost)
@@ -156,12 +156,14 @@ class GPTQFamily(BlockMethod):
         return c.c_out * (c.c_in * base_bits + c.scale_mults * 16.0) * 16.0
 
 
-def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = None,
-             s: SpikingConfig | None = None, batch_size: int = 8, device="cpu",
+def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | None = None,
+             spiking: SpikingMode | None = None, batch_size: int = 8, device="cpu",
              progress: bool = True, log=print, saliency_diags: dict | None = None,
              checkpoint_dir=None, stream=None, **method_kwargs) -> QuantReport:
-    """Quantize all decoder-block linears of `model` in place with the method `q.method` names
-    (the registry `spikellm.methods.METHODS`: rtn, gptq, pbllm, omniquant), on the engine.
+    """Quantize all decoder-block linears of `model` in place with the method `config` is the
+    config of (`GPTQConfig`, `RTNConfig`, `PBLLMConfig`, `OmniQuantConfig`: the registry
+    `spikellm.methods.METHODS`), spiking as `spiking` says (`TernarySpiking`, `GIFSpiking`;
+    None: no spiking), on the engine.
 
     calib_ids [N, seqlen] calibration token ids. `saliency_diags` ("<block>.<linear>" ->
     diag(chol(H⁻¹)) [C_in], see `fp_saliency_diagonals`) scores spiking saliency on fixed
@@ -172,8 +174,9 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, q: QuantConfig | None = 
     (equal steps, ACE relative to FP16 and to the one-step baseline, additive share, storage
     bits) and what the method learned (`params`)."""
     from .methods import make_method
-    q = q or QuantConfig()
-    s = s or SpikingConfig()
+    from .config import GPTQConfig
+    q = config if config is not None else GPTQConfig()
+    s = spiking if spiking is not None else NoSpiking()
     validate(q, s)
     spec = family_of(model)
     if saliency_diags is not None:

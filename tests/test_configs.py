@@ -128,3 +128,21 @@ def test_omniquant_own_recipes_carry_its_published_settings():
         (2, 16, 40, True, False, True, 0)
     cpu = compose_config(["experiment=omni_own_cpu"])
     assert (cpu.quant.let_lr, cpu.quant.alpha, cpu.quant.aug_loss, cpu.calib.nsamples) == (0.005, 0.5, True, 8)
+
+
+def test_every_recipe_and_its_sweep_composes_and_plans(tmp_path, capsys, monkeypatch):
+    """`-m experiment=glob(*)`: every recipe (and the sweep it declares) composes, validates and
+    is planned by the dry run (no weights read; data from the hub's layout, which has every
+    split the recipes name). The points of a sweep over spiking modes that a swept key does not
+    apply to run once, with a note."""
+    import json
+
+    from pipelines.run import main
+    monkeypatch.delenv("SPIKELLM_DATA_DIR", raising=False)   # CI's local files lack wikitext2/train
+    rc = main(["-m", "experiment=glob(*)", "dry_run=true", "paths.data_dir=null",
+               f"paths.outputs={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    assert "spiking.select=random does not apply to spiking=none" in err
+    plan = json.loads((tmp_path / "dry_run.json").read_text())
+    assert not plan["errors"] and {r["model"] for r in plan["stages"]} >= {"smollm2_135m", "llama2_7b", "llama7b"}

@@ -1,12 +1,14 @@
 """Sweep planning: stage instances are shared exactly when their output-changing config agrees."""
-from pipelines.config import compose_config, expand_sweep
+import pytest
+
+from pipelines.config import ConfigError, compose_config, compose_sweep, expand_sweep
 from pipelines.dag import plan
 
 SWEEP = ["spiking.ratio=0,0.05,0.1,0.2", "spiking.select=saliency,random"]
 
 
 def _cfgs(overrides):
-    return [compose_config(p) for p in expand_sweep(overrides)]
+    return compose_sweep(expand_sweep(overrides))[0]
 
 
 def test_eight_point_sweep_shares_calibration_and_scores():
@@ -54,11 +56,18 @@ def test_keys_change_exactly_with_output_changing_keys():
     assert all(base[s] != model[s] for s in base)
 
 
-def test_keys_ignore_what_the_chosen_method_does_not_read():
-    none = _keys(["quant=rtn", "spiking=none"])
-    assert _keys(["quant=rtn", "spiking=none", "spiking.select=random", "spiking.ratio=0.3"]) == none
+def test_keys_of_another_method_are_rejected_or_collapsed_in_a_sweep():
+    """A single run that sets a key its method lacks is an error; a sweep over methods runs the
+    points that lack it without it (once) and says so."""
+    with pytest.raises(ConfigError, match="spiking.select is not a key of spiking=none"):
+        compose_config(["quant=rtn", "spiking=none", "spiking.select=random"])
+    cfgs, points, notes = compose_sweep(expand_sweep(["quant=rtn", "spiking=none,ternary",
+                                                      "spiking.select=saliency,random"]))
+    assert len(cfgs) == 3 and points[0] == ["quant=rtn", "spiking=none"]
+    assert notes and all("does not apply to spiking=none" in n for n in notes)
+    with pytest.raises(ConfigError, match="quant.blocksize is not a key of quant=omniquant"):
+        compose_sweep(expand_sweep(["quant=omniquant", "quant.blocksize=64,128"]))
     omni = _keys(["quant=omniquant", "spiking=t2"])
-    assert _keys(["quant=omniquant", "spiking=t2", "quant.blocksize=64", "+spiking.granularity=element"]) == omni
     assert _keys(["quant=omniquant", "spiking=t2", "quant.epochs=3"])["quantize"] != omni["quantize"]
     assert _keys(["quant=omniquant", "spiking=t2", "spiking.seed=4"]) == omni       # saliency: no draw
     rnd = _keys(["quant=omniquant", "spiking=t2", "spiking.select=random"])
@@ -81,5 +90,5 @@ def test_aug_loss_and_k_axis_key_omniquant_only():
     omni = _keys(["quant=omniquant", "spiking=t2"])
     for extra in ("quant.aug_loss=true", "quant.k_axis=channel", "quant.k_axis=channel_static"):
         assert _keys(["quant=omniquant", "spiking=t2", extra])["quantize"] != omni["quantize"]
-    rtn = _keys(["quant=rtn", "spiking=none"])
-    assert _keys(["quant=rtn", "spiking=none", "+quant.aug_loss=true"]) == rtn
+    with pytest.raises(ConfigError, match="quant.aug_loss is not a key of quant=rtn"):
+        compose_config(["quant=rtn", "spiking=none", "+quant.aug_loss=true"])

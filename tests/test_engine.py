@@ -19,7 +19,7 @@ CASES = {
     "gptq w3 g64": (QuantConfig(method="gptq", wbits=3, group_size=64), SpikingConfig()),
     "pbllm": (QuantConfig(method="pbllm"), SpikingConfig()),
     "ternary column g64": (QuantConfig(method="gptq", group_size=64),
-                           SpikingConfig(mode="ternary", ratio=0.2, steps=3, group_size=64)),
+                           SpikingConfig(mode="ternary", ratio=0.2, steps=3, group_size=64, granularity="column")),
     "omniquant w4a4 t2": (QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1),
                           SpikingConfig(mode="gif", ratio=0.1, addbit=1, steps=2)),
     "omniquant w2a16 gif weights": (QuantConfig(method="omniquant", wbits=2, abits=16, epochs=1, group_size=64),
@@ -134,3 +134,26 @@ def test_streamed_perplexity_equals_the_whole_model_perplexity(name, src, tmp_pa
     assert len(seen) == 6 and max(seen) == materialized_parameters(st.model) + \
         sum(p.numel() for p in blocks_of(whole.model)[0].parameters())
     assert got == pytest.approx(perplexity(whole.model, windows, batch_size=2), rel=1e-6)
+
+
+def test_the_notebook_api_runs_the_main_jobs_method(src):
+    """`from spikellm import quantize, GPTQConfig, TernarySpiking` on an in-memory HF model: the
+    README's example configs are the main job's (composed from conf/), so the same weights."""
+    from pipelines.config import compose_config
+    from pipelines.dag import method_configs
+    from spikellm import GIFSpiking, GPTQConfig, OmniQuantConfig, TernarySpiking, perplexity
+    from spikellm import quantize as api_quantize
+    import dataclasses
+    q, s = GPTQConfig(wbits=4, group_size=64), TernarySpiking(ratio=0.2, steps=3)
+    # group_size None = the quantizer's (conf/ spells it ${quant.group_size}: 64)
+    resolved = dataclasses.replace(s, group_size=s.threshold_group(q))
+    assert (q.key(), resolved.key()) == tuple(c.key() for c in method_configs(compose_config([])))
+    a, b = load_model(str(src)), load_model(str(src))
+    report = api_quantize(a.model, _ids(), q, spiking=s, progress=False, log=lambda *_: None)
+    _run(b.model, *method_configs(compose_config([])))
+    _same(a.model.state_dict(), b.model.state_dict())
+    assert report.cost["avg_steps"] == pytest.approx(1.4, abs=1e-3)
+    assert perplexity(a.model, _ids()) > 0
+    o = OmniQuantConfig(wbits=4, abits=4, epochs=1)
+    assert (o.key(), GIFSpiking(ratio=0.1, addbit=1).key()) == tuple(
+        c.key() for c in method_configs(compose_config(["quant=omniquant", "spiking=t2", "quant.epochs=1"])))

@@ -127,7 +127,7 @@ def test_quantize_verb_on_real_model_reports_cost(fresh_smollm, data_root):
     ids = calibration_set(lm.tokenizer, CalibSpec("wikitext2", "validation", 2, 64, 0), data_root)
     before = get_module(blocks_of(lm.model)[0], "mlp.up_proj").weight.clone()
     rep = quantize(lm.model, ids, QuantConfig(method="gptq"),
-                   SpikingConfig(mode="ternary", ratio=0.2, steps=3), progress=False)
+                   SpikingConfig(mode="ternary", ratio=0.2, steps=3, granularity="column"), progress=False)
     after = get_module(blocks_of(lm.model)[0], "mlp.up_proj").weight
     assert not torch.equal(before, after)
     assert len(rep.stats) == 30 * 7

@@ -143,7 +143,10 @@ def test_omniquant_w4a4_spiking_trains_saves_masks_and_reloads(model, text_ids, 
 
 
 def test_non_finite_training_loss_fails_with_a_clear_message(model, text_ids):
-    q = QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1, let_lr=float("nan"))
+    with pytest.raises(ValueError, match="quant.let_lr=nan is invalid"):
+        QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1, let_lr=float("nan"))
+    q = QuantConfig(method="omniquant", wbits=4, abits=4, epochs=1)
+    q.let_lr = float("nan")        # past the config's check: the training loop's own guard
     with pytest.raises(FloatingPointError, match="quant.nan_policy"):
         oq.omniquant(model.model, text_ids[:2], q, SpikingConfig(), progress=False)
 

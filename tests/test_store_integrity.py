@@ -2,6 +2,7 @@
 that hold across processes, and faults that end in one line (issue 11's fault table)."""
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -112,12 +113,12 @@ def test_code_and_library_versions_enter_every_key(monkeypatch):
 
 
 def test_the_quantize_stage_computes_only_from_its_key():
-    """A key the method family does not read is dropped from the hash and the stage's typed
-    config holds its default, not the user's value: nothing outside the key reaches the stage."""
-    from pipelines.config import compose_config
+    """A key the chosen method does not have is rejected in one line (never hashed, never
+    silently ignored); the stage's typed config holds the values its key hashes."""
+    from pipelines.config import ConfigError, compose_config
     from pipelines.dag import method_configs
-    q, s = method_configs(compose_config(["quant=gptq", "spiking=none", "+quant.epochs=7"]))
-    assert q.epochs == 0 and s.ratio == 0.0 and s.mode == "none"
+    with pytest.raises(ConfigError, match="quant.epochs is not a key of quant=gptq .*omniquant"):
+        compose_config(["quant=gptq", "spiking=none", "+quant.epochs=7"])
     q, s = method_configs(compose_config(["quant=omniquant", "spiking=t2", "quant.epochs=7"]))
     assert q.epochs == 7 and s.mode == "gif"
 
@@ -253,7 +254,7 @@ def test_status_reports_a_running_stage_whose_process_died(tmp_path):
 # ---- block checkpoints ----------------------------------------------------------------------
 
 def _crash_after_blocks(lm, ids, q, s, ckpt, n, monkeypatch):
-    import spikellm.quantize as qmod
+    qmod = importlib.import_module("spikellm.quantize")   # the module (spikellm.quantize is the function)
     real = qmod.quantize_linear
 
     def crash(name, *a, **kw):
