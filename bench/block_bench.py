@@ -86,7 +86,9 @@ def one_block_model(shape: str, dtype: torch.dtype, device: str):
 
 
 def bench(shape: str, method: str, args) -> dict:
-    from spikellm import blockwise, quantize as qmod
+    import importlib
+    from spikellm import blockwise
+    qmod = importlib.import_module("spikellm.quantize")   # the module (spikellm.quantize is the function)
     from spikellm.blockwise import peak_memory_gb
     dtype = getattr(torch, args.dtype)
     model = one_block_model(shape, dtype, args.device)
