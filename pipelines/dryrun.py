@@ -1,7 +1,8 @@
 """`dry_run=true`: plan every stage of a sweep without weights and check that it fits.
 
 The model is built on the meta device from its config (model.path's config.json when it exists,
-else `model.hf_config`, an inline config.json, else the LLaMA numbers in `model.arch`), so shapes
+else `model.hf_config`, an inline config.json, else the numbers in `model.arch` for a model of
+`model.family`), so shapes
 are exact. Per stage the plan gives GPU memory, host memory, disk, an estimated time, and the
 SLURM resources the launcher will request; a stage that cannot fit its requested GPUs or host
 memory fails the dry run with one line naming the key to change.
@@ -57,7 +58,7 @@ def model_config(cfg):
     if not arch.get("layers"):
         raise PlanError(f"model={cfg.model.name}: no config.json at model.path, no model.hf_config and "
                         f"no model.arch: the dry run needs one of them")
-    return llama_config(arch)
+    return llama_config(arch, cfg.model.family)
 
 
 @dataclass

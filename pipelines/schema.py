@@ -46,6 +46,9 @@ class ModelCfg:
     name: str = "smollm2_135m"
     path: Optional[str] = None
     hub_id: Optional[str] = None
+    #: module layout, a key of spikellm.models.FAMILIES (llama, mistral, qwen2, starcoder2):
+    #: the dry run builds `model.arch` as this family, and preflight checks that the
+    #: checkpoint's model_type has the same layout
     family: str = "llama"
     dtype: str = "float32"
     #: quantize block by block from the checkpoint's safetensors shards (host memory: one block)
@@ -282,12 +285,23 @@ def check_device(device: str) -> None:
 
 
 def check_context(cfg: Any) -> None:
-    """Windows no longer than the model's positions (`max_position_embeddings`)."""
+    """The checkpoint's layout is `model.family`'s (`spikellm.models.family_spec`), and windows
+    are no longer than the model's positions (`max_position_embeddings`)."""
+    from spikellm.models import family_spec
     from .dryrun import PlanError, model_config
     try:
-        limit = getattr(model_config(cfg), "max_position_embeddings", None)
+        family_spec(cfg.model.family, cfg.model.family)      # a known family name
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    try:
+        config = model_config(cfg)
     except (PlanError, OSError, ValueError):
         return                       # no config to read (a hub id offline): the load says why
+    try:
+        family_spec(config.model_type, cfg.model.family)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    limit = getattr(config, "max_position_embeddings", None)
     for key in ("eval.seqlen", "calib.seqlen"):
         n = OmegaConf.select(cfg, key)
         if limit and n > limit:

@@ -1,11 +1,14 @@
-"""Learnable equivalent transformation (LET, OmniQuant) for LLaMA-family blocks (method.md §4).
+"""Learnable equivalent transformation (LET, OmniQuant) for decoder blocks (method.md §4).
 
-Per block four scale vectors, each an exact equivalence of the full-precision block:
+Per block four scale vectors, each an exact equivalence of the full-precision block (LLaMA
+names below; the family's `FamilySpec` says which linears and norms play each part, and any
+biases are scaled with their rows):
 
 - `qkv` [hidden]: the input norm's output is divided by s, q/k/v weight columns multiplied by s;
 - `out` [kv_heads * head_dim]: v_proj rows (and bias) divided by s, o_proj columns multiplied
   by s repeated over the query heads that share each kv head (GQA);
-- `fc1` [hidden]: post-attention norm output divided by s, gate/up columns multiplied by s;
+- `fc1` [hidden]: post-attention norm output divided by s, gate/up (the family's `fc1`)
+  columns multiplied by s;
 - `qkt` [kv_heads, head_dim/2]: q_proj rows divided, k_proj rows multiplied by s. OmniQuant
   trains one free scale per channel, which RoPE does not commute with; we tie each rotary pair
   (i, i + d/2) to one scale, so the transform stays exact under RoPE.
@@ -19,11 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: linear name (in the block) -> LET role
-ROLES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
-         "self_attn.o_proj": "o", "mlp.gate_proj": "fc1", "mlp.up_proj": "fc1",
-         "mlp.down_proj": None}
-NORMS = {"qkv": "input_layernorm", "fc1": "post_attention_layernorm"}
+# Which linear plays which role ("q", "k", "v", "o", "fc1", None) and which norms feed them is
+# the family's: `FamilySpec.let_roles()` and `FamilySpec.let_norms()`.
 
 
 def truncate(s: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
@@ -97,9 +97,12 @@ def transformed_weight(weight: torch.Tensor, bias: torch.Tensor | None, col=None
 
 
 @torch.no_grad()
-def fold_norms(block: nn.Module, let: LETParams) -> None:
-    """Divide the two RMSNorm weights by their LET scales (the linears fold their own factors)."""
-    for name, norm in NORMS.items():
+def fold_norms(block: nn.Module, let: LETParams, norms: dict[str, str]) -> None:
+    """Divide the norms' weights (and a LayerNorm's bias) by their LET scales; `norms` is the
+    family's `let_norms()`, scale name -> norm path. The linears fold their own factors."""
+    for name, norm in norms.items():
         mod = block.get_submodule(norm)
         s = truncate(getattr(let, name)).to(mod.weight.dtype)
         mod.weight.div_(s)
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.div_(s)

@@ -42,7 +42,7 @@ from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, M
 from .config import GIFSpiking, MethodConfig, SpikingMode
 from .gif import integer_codes, per_token_params, spike_train
 from .hessian import HessianAccumulator, prepare_hessian
-from .let import ROLES, LETParams, fold_norms, smooth_init, transformed_weight
+from .let import LETParams, fold_norms, smooth_init, transformed_weight
 from .models import FamilySpec, blocks_of, family_of, set_module
 from .omni_attention import KVQuantizer, use_spiking_attention
 from .omni_cost import block_layer_costs
@@ -120,8 +120,9 @@ class QuantLinear(nn.Module):
 
 # ------------------------------------------------------------------------------ wrapping
 
-def _attn_shape(block: nn.Module) -> tuple[int, int, int]:
-    attn = block.self_attn
+def _attn_shape(block: nn.Module, spec: FamilySpec) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) of the block's attention module."""
+    attn = block.get_submodule(spec.attention)
     cfg = attn.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -134,6 +135,7 @@ def wrap_block(block: nn.Module, spec: FamilySpec, q: MethodConfig, s: SpikingMo
     with empty masks; with `train`, LWC weight quantizers of `quant.wbits`) and give its
     attention a KVQuantizer when activations are quantized. Returns name -> QuantLinear."""
     addbit, kv_addbit = (s.addbit, s.kv_addbit) if isinstance(s, GIFSpiking) else (1, 1)
+    roles = spec.let_roles()
     out = {}
     for name in spec.linears():
         lin = block.get_submodule(name)
@@ -144,13 +146,14 @@ def wrap_block(block: nn.Module, spec: FamilySpec, q: MethodConfig, s: SpikingMo
         wq = (LWCWeightQuantizer(q.wbits, tuple(lin.weight.shape), q.group_size, q.lwc, addbit)
               if train and q.wbits < 16 else None)
         ql = QuantLinear(lin, aq, wq).to(lin.weight.device)
-        ql.role = ROLES.get(name)
+        ql.role = roles[name]
         set_module(block, name, ql)
         out[name] = ql
-    if q.abits < 16 and getattr(block.self_attn, "kv_quant", None) is None:
-        _, kv_heads, head_dim = _attn_shape(block)
-        block.self_attn.kv_quant = KVQuantizer(q.abits, kv_heads, head_dim, q.k_axis,
-                                               kv_addbit).to(block.self_attn.q_proj.weight.device)
+    attn = block.get_submodule(spec.attention)
+    if q.abits < 16 and getattr(attn, "kv_quant", None) is None:
+        _, kv_heads, head_dim = _attn_shape(block, spec)
+        attn.kv_quant = KVQuantizer(q.abits, kv_heads, head_dim, q.k_axis,
+                                    kv_addbit).to(out[spec.qkv[0]].weight.device)
     return out
 
 
@@ -169,9 +172,14 @@ def _set_quant(block: nn.Module, linears: dict[str, QuantLinear], on: bool) -> N
         for m in (ql.act_quant, ql.weight_quant):
             if m is not None:
                 m.enabled = on
-    kvq = getattr(block.self_attn, "kv_quant", None)
+    kvq = _kv_quant(block)
     if kvq is not None:
         kvq.set_enabled(on)
+
+
+def _kv_quant(block: nn.Module) -> KVQuantizer | None:
+    """The block's KVQuantizer (on its attention module), or None."""
+    return next((m for m in block.modules() if isinstance(m, KVQuantizer)), None)
 
 
 def _top_mask(scores: torch.Tensor, ratio: float, select: str, seed: int) -> torch.Tensor:
@@ -234,7 +242,7 @@ def _mask_pass(block, linears, inputs: BlockInputs, q: MethodConfig, s: SpikingM
                if acts and ql.act_quant is not None}
     hess = {n: HessianAccumulator(ql.in_features, device=ql.weight.device)
             for n, ql in linears.items() if weights and ql.weight_quant is not None}
-    kvq = getattr(block.self_attn, "kv_quant", None)
+    kvq = _kv_quant(block)
 
     def on_input(name, x):
         if name in act_sal:
@@ -269,21 +277,21 @@ def _mask_pass(block, linears, inputs: BlockInputs, q: MethodConfig, s: SpikingM
     return counts
 
 
-def _let_init(block, linears, absmax: dict[str, torch.Tensor], alpha: float) -> LETParams:
-    heads, kv_heads, head_dim = _attn_shape(block)
-    hidden = linears["self_attn.q_proj"].in_features
+def _let_init(block, spec: FamilySpec, linears, absmax: dict[str, torch.Tensor], alpha: float) -> LETParams:
+    """LET scales started by SmoothQuant from the input maxima `absmax` ({linear: [C_in]}) of
+    the linears `spec.let_init_inputs()` names and their weights' column maxima."""
+    heads, kv_heads, head_dim = _attn_shape(block, spec)
+    src = spec.let_init_inputs()
+    hidden = linears[src["qkv"]].in_features
 
-    def w_absmax(name):
-        return linears[name].weight.detach().abs().amax(0)
+    def start(scale):
+        name = src[scale]
+        return smooth_init(absmax[name], linears[name].weight.detach().abs().amax(0), alpha)
 
-    init = {
-        "qkv": smooth_init(absmax["self_attn.q_proj"], w_absmax("self_attn.q_proj"), alpha),
-        "fc1": smooth_init(absmax["mlp.up_proj"], w_absmax("mlp.up_proj"), alpha),
-    }
-    s_o = smooth_init(absmax["self_attn.o_proj"], w_absmax("self_attn.o_proj"), alpha)
+    init = {"qkv": start("qkv"), "fc1": start("fc1")}
     # GQA: one scale per kv channel, the mean over the query heads that share it
-    init["out"] = s_o.reshape(kv_heads, heads // kv_heads, head_dim).mean(1).reshape(-1)
-    return LETParams(hidden, heads, kv_heads, head_dim, init).to(linears["self_attn.q_proj"].weight.device)
+    init["out"] = start("out").reshape(kv_heads, heads // kv_heads, head_dim).mean(1).reshape(-1)
+    return LETParams(hidden, heads, kv_heads, head_dim, init).to(linears[src["qkv"]].weight.device)
 
 
 def _attach_let(linears, let: LETParams | None) -> None:
@@ -293,12 +301,12 @@ def _attach_let(linears, let: LETParams | None) -> None:
 
 def _static_k(block: nn.Module) -> KVQuantizer | None:
     """The block's KVQuantizer when K uses fitted ranges (k_axis=channel_static), else None."""
-    kvq = getattr(block.self_attn, "kv_quant", None)
+    kvq = _kv_quant(block)
     return kvq if kvq is not None and kvq.static_k else None
 
 
 @torch.no_grad()
-def fit_k_ranges(block: nn.Module, inputs: BlockInputs, batch_size: int = 8) -> bool:
+def fit_k_ranges(block: nn.Module, spec: FamilySpec, inputs: BlockInputs, batch_size: int = 8) -> bool:
     """Fit the static K ranges of a channel_static block: the per-(kv head, channel) min/max of
     the K it computes on `inputs` (hidden [N, seqlen, hidden]) in its current state (quantizers
     on: K comes out of the quantized k_proj). The forward stops at o_proj, after attention.
@@ -308,7 +316,7 @@ def fit_k_ranges(block: nn.Module, inputs: BlockInputs, batch_size: int = 8) -> 
         return False
     kvq.begin_k_fit()
     try:
-        with InputCollector({"o_proj": block.self_attn.o_proj}, lambda *_: None, stop_early=True):
+        with InputCollector({"o_proj": block.get_submodule(spec.o_proj)}, lambda *_: None, stop_early=True):
             forward_block(block, inputs, batch_size, collect_only=True)
     except BaseException:
         kvq.cancel_k_fit()
@@ -379,7 +387,7 @@ def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q
 
 
 @torch.no_grad()
-def _finalize(block, linears, let: LETParams | None) -> None:
+def _finalize(block, spec: FamilySpec, linears, let: LETParams | None) -> None:
     """Fold LET into weights and norms, quantize weights in place, drop the weight quantizers."""
     for ql in linears.values():
         _, w, b = ql.effective()
@@ -390,7 +398,7 @@ def _finalize(block, linears, let: LETParams | None) -> None:
         if b is not None:
             ql.bias.data.copy_(b.to(ql.bias.dtype))
     if let is not None:
-        fold_norms(block, let)
+        fold_norms(block, let, spec.let_norms())
     for ql in linears.values():
         ql.__dict__["let"] = None
         ql.weight_quant = None
@@ -459,7 +467,7 @@ class OmniQuant(BlockMethod):
         linears = wrap_block(block, spec, q, s, train=True)
         _set_quant(block, linears, False)
         stats_hook = _Stats()
-        with InputCollector({n: linears[n] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")},
+        with InputCollector({n: linears[n] for n in dict.fromkeys(spec.let_init_inputs().values())},
                             stats_hook, stop_early=False):
             fp_out = forward_block(block, BlockInputs(fp, kw), batch_size)
         # OmniQuant's fp_inps_2: the full-precision block on the quantized prefix's inputs
@@ -471,10 +479,10 @@ class OmniQuant(BlockMethod):
         start_stats = stats_hook.absmax
         if self.act_absmax is not None:
             start_stats = {n: self.act_absmax[f"{i}.{n}"].to(device) for n in stats_hook.absmax}
-        let = _let_init(block, linears, start_stats, q.alpha) if q.let and q.abits < 16 else None
+        let = _let_init(block, spec, linears, start_stats, q.alpha) if q.let and q.abits < 16 else None
         _attach_let(linears, let)
         _set_quant(block, linears, True)
-        fit_k_ranges(block, BlockInputs(qh, kw), batch_size)      # (a): K as LET/LWC start it
+        fit_k_ranges(block, spec, BlockInputs(qh, kw), batch_size)      # (a): K as LET/LWC start it
         try:
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, q.amp,
                                    self.status, fp_aug=fp_aug)
@@ -484,17 +492,17 @@ class OmniQuant(BlockMethod):
             if log is not None:
                 log(f"block {i}: non-finite loss under autocast; retraining in float32")
             linears = wrap_block(block, spec, q, s, train=True)
-            let = _let_init(block, linears, start_stats, q.alpha) if let is not None else None
+            let = _let_init(block, spec, linears, start_stats, q.alpha) if let is not None else None
             _attach_let(linears, let)
-            fit_k_ranges(block, BlockInputs(qh, kw), batch_size)
+            fit_k_ranges(block, spec, BlockInputs(qh, kw), batch_size)
             history = _train_block(block, linears, let, BlockInputs(qh, kw), fp_out, q, i, False,
                                    self.status, fp_aug=fp_aug)
         params = {f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()}
         if let is not None:
             params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})
-        _finalize(block, linears, let)
+        _finalize(block, spec, linears, let)
         block.to(dtype)                                # back to the model's dtype (masks stay bool)
-        fit_k_ranges(block, BlockInputs(qh, kw), batch_size)      # (b): the folded block's K
+        fit_k_ranges(block, spec, BlockInputs(qh, kw), batch_size)      # (b): the folded block's K
         with torch.no_grad():
             q_out = forward_block(block, BlockInputs(qh, kw), batch_size)
             loss = F.mse_loss(q_out, fp_out).item()

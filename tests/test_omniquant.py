@@ -79,14 +79,14 @@ def test_let_is_an_exact_equivalence_on_a_real_block_and_folds(model, text_ids):
     ref = forward_block(block, inputs)
     q = QuantConfig(method="omniquant", wbits=16, abits=16)
     linears = oq.wrap_block(block, spec, q, SpikingConfig())
-    heads, kv_heads, head_dim = oq._attn_shape(block)
+    heads, kv_heads, head_dim = oq._attn_shape(block, spec)
     let = LETParams(linears["self_attn.q_proj"].in_features, heads, kv_heads, head_dim)
     with torch.no_grad():
         for p in let.parameters():
             p.copy_(torch.exp(0.5 * torch.randn_like(p)))
     oq._attach_let(linears, let)
     on_the_fly = forward_block(block, inputs)
-    oq._finalize(block, linears, let)
+    oq._finalize(block, spec, linears, let)
     folded = forward_block(block, inputs)
     tol = 1e-5 * ref.abs().max()
     assert (on_the_fly - ref).abs().max() < tol and (folded - ref).abs().max() < tol
@@ -254,8 +254,8 @@ def test_static_k_ranges_are_refitted_on_the_folded_block(text_ids, monkeypatch)
     first = {}
     real = oq.fit_k_ranges
 
-    def spy(block, inputs, batch_size=8):
-        done = real(block, inputs, batch_size)
+    def spy(block, spec, inputs, batch_size=8):
+        done = real(block, spec, inputs, batch_size)
         kvq = block.self_attn.kv_quant
         first.setdefault(id(block), (kvq.k.xmin.clone(), kvq.k.xmax.clone()))
         return done
@@ -267,7 +267,7 @@ def test_static_k_ranges_are_refitted_on_the_folded_block(text_ids, monkeypatch)
     saved = kvq.k.xmin.clone(), kvq.k.xmax.clone()
     assert torch.isfinite(saved[0]).all() and (saved[0] < saved[1]).all()
     inputs = capture_block_inputs(m, family_of(m), ids)     # block 0's inputs: the embeddings
-    real(block, inputs)
+    real(block, family_of(m), inputs)
     assert torch.equal(kvq.k.xmin, saved[0]) and torch.equal(kvq.k.xmax, saved[1])
     assert not torch.equal(first[id(block)][1], saved[1])   # training moved K: the refit matters
 
