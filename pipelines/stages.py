@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from spikellm.blockwise import peak_memory_gb
 from spikellm.data import calibration_set, dataset_name, evaluation_set
-from spikellm.evaluate import perplexity, streamed_perplexity
+from spikellm.evaluate import perplexity, streamed_perplexities
 from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
 from spikellm.quantize import fp_saliency_diagonals, quantize
 
@@ -243,25 +243,36 @@ def ppl_metric(dataset: str, split: str, tag: str) -> str:
 
 
 def _ppl(cfg, lm: LoadedModel, tag: str, stream=None) -> dict:
-    """ppl/* of `lm` on every eval dataset; with `stream` (eval.stream) block by block."""
+    """ppl/* of `lm` on every eval dataset; with `stream` (eval.stream) block by block, all the
+    datasets in one pass over the blocks (each block read once; the pass's time is apportioned
+    to the datasets' time/eval_* metrics by their window counts)."""
     device = resolve_device(cfg.device)
     out = {}
     calib = OmegaConf.to_object(cfg.calib)
+    sets = {}
     for d in cfg.eval.datasets:
-        windows = evaluation_set(lm.tokenizer, d, cfg.eval.seqlen, cfg.eval.max_windows,
+        sets[d] = evaluation_set(lm.tokenizer, d, cfg.eval.seqlen, cfg.eval.max_windows,
                                  split=cfg.eval.split, data_dir=cfg.paths.data_dir, calib=calib)
-        name = ppl_metric(d, cfg.eval.split, tag)
+    timings = {}
+    if stream is not None:
         t0 = time.time()
-        desc = f"{name} ({windows.shape[0]}x{windows.shape[1]})"
+        shared = streamed_perplexities(lm.model, {ppl_metric(d, cfg.eval.split, tag): w for d, w in sets.items()},
+                                       stream, cfg.eval.batch_size, device, progress=cfg.progress,
+                                       desc=f"ppl streamed ({', '.join(map(dataset_name, sets))})")
+        total_s, n = time.time() - t0, sum(w.shape[0] for w in sets.values())
+        timings = {d: total_s * w.shape[0] / n for d, w in sets.items()}
+    for d, windows in sets.items():
+        name = ppl_metric(d, cfg.eval.split, tag)
         if stream is None:
-            out[name] = perplexity(lm.model, windows, cfg.eval.batch_size, device,
-                                   progress=cfg.progress, desc=desc)
+            t0 = time.time()
+            out[name] = perplexity(lm.model, windows, cfg.eval.batch_size, device, progress=cfg.progress,
+                                   desc=f"{name} ({windows.shape[0]}x{windows.shape[1]})")
+            timings[d] = time.time() - t0
         else:
-            out[name] = streamed_perplexity(lm.model, windows, stream, cfg.eval.batch_size, device,
-                                            progress=cfg.progress, desc=desc)
+            out[name] = shared[name]
         say(f"{name} = {out[name]:.3f} on {windows.shape[0]} x {windows.shape[1]} tokens "
-            f"({time.time() - t0:.0f}s)")
-        out[f"time/eval_{'dev_' if cfg.eval.split == 'dev' else ''}{dataset_name(d)}_s"] = time.time() - t0
+            f"({timings[d]:.0f}s{', share of the streamed pass' if stream is not None else ''})")
+        out[f"time/eval_{'dev_' if cfg.eval.split == 'dev' else ''}{dataset_name(d)}_s"] = timings[d]
     return out
 
 

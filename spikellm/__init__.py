@@ -15,12 +15,12 @@ from spikellm.config import (GIFSpiking, GPTQConfig, NoSpiking, OmniQuantConfig,
                              QuantConfig, RTNConfig, SpikingConfig, TernarySpiking)
 from spikellm.data import CalibSpec, calibration_set, evaluation_set
 from spikellm.embedded import embedded_checkpoint
-from spikellm.evaluate import perplexity, streamed_perplexity
+from spikellm.evaluate import perplexity, streamed_perplexities, streamed_perplexity
 from spikellm.models import load_model
 from spikellm.quantize import QuantReport, fp_saliency_diagonals, quantize  # noqa: F811 (the function wins)
 
 __all__ = sorted([
-    "quantize", "QuantReport", "fp_saliency_diagonals", "perplexity", "streamed_perplexity",
+    "quantize", "QuantReport", "fp_saliency_diagonals", "perplexity", "streamed_perplexity", "streamed_perplexities",
     "GPTQConfig", "RTNConfig", "PBLLMConfig", "OmniQuantConfig", "NoSpiking", "TernarySpiking",
     "GIFSpiking", "QuantConfig", "SpikingConfig", "load_model", "embedded_checkpoint",
     "CalibSpec", "calibration_set", "evaluation_set",

@@ -114,7 +114,7 @@ def test_streamed_from_shards_holds_one_block_and_equals_the_whole_model_run(nam
 @pytest.mark.parametrize("name", ["fp", "omniquant w4a4 t2"])
 def test_streamed_perplexity_equals_the_whole_model_perplexity(name, src, tmp_path):
     """Block by block from the shards (eval.stream) vs the whole model, on real text ids."""
-    from spikellm.evaluate import perplexity, streamed_perplexity
+    from spikellm.evaluate import perplexity, streamed_perplexities, streamed_perplexity
     windows = torch.randint(0, 4000, (5, 48), generator=torch.Generator().manual_seed(3))
     ckpt = src
     if name != "fp":
@@ -134,6 +134,13 @@ def test_streamed_perplexity_equals_the_whole_model_perplexity(name, src, tmp_pa
     assert len(seen) == 6 and max(seen) == materialized_parameters(st.model) + \
         sum(p.numel() for p in blocks_of(whole.model)[0].parameters())
     assert got == pytest.approx(perplexity(whole.model, windows, batch_size=2), rel=1e-6)
+    # several sets (eval.datasets) share one pass: each block is materialized once for all
+    other = torch.randint(0, 4000, (3, 48), generator=torch.Generator().manual_seed(4))
+    seen.clear()
+    both = streamed_perplexities(st.model, {"a": windows, "b": other}, st, batch_size=2)
+    assert len(seen) == 6
+    assert both["a"] == pytest.approx(got, rel=1e-6)
+    assert both["b"] == pytest.approx(perplexity(whole.model, other, batch_size=2), rel=1e-6)
 
 
 def test_the_notebook_api_runs_the_main_jobs_method(src):

@@ -57,13 +57,12 @@ def test_the_families_differ_in_layout_from_llama():
     assert family_of(q) is llama and blocks_of(q)[0].self_attn.q_proj.bias is not None
 
 
-@pytest.mark.parametrize("family", FAMS)
-def test_let_is_an_exact_equivalence_and_folds_on_the_family(family):
-    """Random LET scales, quantizers off: applied on the fly and folded into the weights, biases
-    and norms (a LayerNorm's bias included), the block computes what it did in full precision."""
-    m = tiny(family)
+def assert_let_is_exact(m, ids) -> None:
+    """Random LET scales on block 0 of `m`, quantizers off: applied on the fly and folded into the
+    weights, biases and norms (a LayerNorm's bias included), the block computes what it did in
+    full precision. Shared with tests/test_omniquant.py (LLaMA, the real embedded model)."""
     spec = family_of(m)
-    inputs = capture_block_inputs(m, spec, _ids(2))
+    inputs = capture_block_inputs(m, spec, ids)
     block = blocks_of(m)[0]
     ref = forward_block(block, inputs)
     linears = oq.wrap_block(block, spec, OmniQuantConfig(wbits=16, abits=16), SpikingConfig())
@@ -78,6 +77,11 @@ def test_let_is_an_exact_equivalence_and_folds_on_the_family(family):
     folded = forward_block(block, inputs)
     tol = 1e-5 * ref.abs().max()
     assert (on_the_fly - ref).abs().max() < tol and (folded - ref).abs().max() < tol
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_let_is_an_exact_equivalence_and_folds_on_the_family(family):
+    assert_let_is_exact(tiny(family), _ids(2))
 
 
 @pytest.mark.parametrize("family", FAMS)

@@ -5,7 +5,6 @@ import torch
 
 from spikellm.blockwise import capture_block_inputs, forward_block
 from spikellm.config import QuantConfig, SpikingConfig
-from spikellm.let import LETParams
 from spikellm.models import blocks_of, family_of, load_model, resolve_source
 from spikellm.omni_attention import KVQuantizer, use_spiking_attention
 from spikellm.omni_quantizers import GIFActQuantizer, LWCWeightQuantizer
@@ -72,24 +71,8 @@ def test_spike_train_path_equals_fake_quant_except_top_codes():
 
 
 def test_let_is_an_exact_equivalence_on_a_real_block_and_folds(model, text_ids):
-    m = model.model
-    spec = family_of(m)
-    inputs = capture_block_inputs(m, spec, text_ids[:2])
-    block = blocks_of(m)[0]
-    ref = forward_block(block, inputs)
-    q = QuantConfig(method="omniquant", wbits=16, abits=16)
-    linears = oq.wrap_block(block, spec, q, SpikingConfig())
-    heads, kv_heads, head_dim = oq._attn_shape(block, spec)
-    let = LETParams(linears["self_attn.q_proj"].in_features, heads, kv_heads, head_dim)
-    with torch.no_grad():
-        for p in let.parameters():
-            p.copy_(torch.exp(0.5 * torch.randn_like(p)))
-    oq._attach_let(linears, let)
-    on_the_fly = forward_block(block, inputs)
-    oq._finalize(block, spec, linears, let)
-    folded = forward_block(block, inputs)
-    tol = 1e-5 * ref.abs().max()
-    assert (on_the_fly - ref).abs().max() < tol and (folded - ref).abs().max() < tol
+    from test_families import assert_let_is_exact
+    assert_let_is_exact(model.model, text_ids[:2])
 
 
 def test_spiking_attention_without_quantizers_equals_the_stock_attention(model, text_ids):
