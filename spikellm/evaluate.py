@@ -47,6 +47,7 @@ def streamed_perplexity(model: nn.Module, windows: torch.Tensor, stream, batch_s
     return streamed_perplexities(model, {desc: windows}, stream, batch_size, device, progress, desc)[desc]
 
 
+@torch.no_grad()
 def streamed_perplexities(model: nn.Module, windows: dict[str, torch.Tensor], stream,
                           batch_size: int = 4, device="cpu", progress: bool = False,
                           desc: str = "ppl") -> dict[str, float]:
