@@ -287,10 +287,10 @@ def check_device(device: str) -> None:
 def check_context(cfg: Any) -> None:
     """The checkpoint's layout is `model.family`'s (`spikellm.models.family_spec`), and windows
     are no longer than the model's positions (`max_position_embeddings`)."""
-    from spikellm.models import family_spec
+    from spikellm.models import family_spec, known_family
     from .dryrun import PlanError, model_config
     try:
-        family_spec(cfg.model.family, cfg.model.family)      # a known family name
+        known_family(cfg.model.family)
     except ValueError as e:
         raise PreflightError(str(e)) from None
     try:

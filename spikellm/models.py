@@ -96,12 +96,19 @@ def family_of(model: nn.Module) -> FamilySpec:
     return family_spec(getattr(model.config, "model_type", None))
 
 
+def known_family(name: str) -> FamilySpec:
+    """The spec a config's `model.family` names; one-line ValueError naming the fix otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is invalid: must be one of {', '.join(sorted(FAMILIES))} "
+                         f"(or add a FamilySpec to spikellm.models.FAMILIES)")
+    return FAMILIES[name]
+
+
 def family_spec(model_type: str | None, expected: str | None = None) -> FamilySpec:
     """The spec of `model_type`; with `expected` (a config's `model.family`) also checks that the
     two name the same layout. One-line ValueError naming the fix otherwise."""
-    if expected is not None and expected not in FAMILIES:
-        raise ValueError(f"model.family={expected!r} is invalid: must be one of {', '.join(sorted(FAMILIES))} "
-                         f"(or add a FamilySpec to spikellm.models.FAMILIES)")
+    if expected is not None:
+        known_family(expected)
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} has no family entry; known: {sorted(FAMILIES)} "
                          f"(add a FamilySpec to spikellm.models.FAMILIES)")
