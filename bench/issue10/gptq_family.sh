@@ -6,6 +6,7 @@
 # file, C4 validation; 8 x 512 each). Quantized models are cached and shared by the evaluations.
 #   SPIKELLM_DATA_DIR=../shared/data bash bench/issue10/gptq_family.sh 0    (and 64)
 #   SEEDS="2" ... runs only those calibration seeds (default "0 1 2"), e.g. to add a seed.
+#   PARTS="corpus" ... runs only the second-corpus evaluations (default "devtest corpus").
 # Order: per seed in SEEDS, dev then test (seed 0 adds RTN: it reads no calibration data, so
 # its seeds are identical); then the second corpus for the same seeds.
 set -uo pipefail
@@ -27,9 +28,14 @@ ternary() { $PY -m pipelines.run -m $common calib.seed=$1 ${@:2} quant=gptq spik
 all()     { rtn "$@"; gptq "$@"; pbllm "$@"; ternary "$@"; }
 seeded()  { gptq "$@"; pbllm "$@"; ternary "$@"; }
 SEEDS=${SEEDS:-0 1 2}
-for s in $SEEDS; do
-  if [ "$s" = 0 ]; then all 0 $DEV; all 0 $TEST; else seeded $s $DEV; seeded $s $TEST; fi
-done
-for s in $SEEDS; do
-  if [ "$s" = 0 ]; then all 0 $CORPUS; else seeded $s $CORPUS; fi
-done
+PARTS=${PARTS:-devtest corpus}
+if [[ " $PARTS " == *" devtest "* ]]; then
+  for s in $SEEDS; do
+    if [ "$s" = 0 ]; then all 0 $DEV; all 0 $TEST; else seeded $s $DEV; seeded $s $TEST; fi
+  done
+fi
+if [[ " $PARTS " == *" corpus "* ]]; then
+  for s in $SEEDS; do
+    if [ "$s" = 0 ]; then all 0 $CORPUS; else seeded $s $CORPUS; fi
+  done
+fi
