@@ -175,6 +175,52 @@ def compose_sweep(points: list[list[str]]) -> tuple[list[DictConfig], list[list[
     return cfgs, kept, notes
 
 
+#: Hydra's own output directories, honoured: hydra.run.dir (a single run's directory) and
+#: hydra.sweep.dir (a -m sweep's record; point n's run directory is <hydra.sweep.dir>/<n>)
+HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def check_cli_overrides(overrides: list[str], multirun: bool) -> None:
+    """One-line errors for the Hydra habits this driver does not honour, instead of accepting
+    and ignoring them: deletions (`~key`), `interval()` sweeps, `hydra.*` keys other than the
+    output directories, `hydra/launcher=` (our launcher group is `launcher=`), and an output
+    directory of the other mode (hydra.run.dir with -m, hydra.sweep.dir without)."""
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key.startswith("~"):
+            k = key[1:]
+            alt = f"{k}=none" if k in ("logger",) else (f"{k}=<option>" if k in GROUPS else f"{k}=<value>")
+            raise ConfigError(f"{ov}: deleting a key is not supported (every key of the config is read); "
+                              f"set {alt} instead")
+        if value.startswith("interval("):
+            raise ConfigError(f"{ov}: interval() needs a sampling sweeper (Optuna, Nevergrad), which "
+                              f"spikellm does not run; list values ({key}=a,b) or use range(start,stop,step)")
+        bare = key.lstrip("+")
+        if bare.startswith("hydra/launcher") or bare.startswith("hydra.launcher"):
+            sub = bare.split(".", 2)[2] if bare.count(".") >= 2 else "<key>"
+            raise ConfigError(f"{ov}: spikellm launches through its own launcher group: use "
+                              f"launcher=slurm (or submitit_local, local) and launcher.{sub}=...")
+        if bare.startswith("hydra/") or (bare.startswith("hydra.") and bare not in HYDRA_DIRS):
+            raise ConfigError(f"{ov}: spikellm reads no hydra settings other than {' and '.join(HYDRA_DIRS)}; "
+                              f"results go under paths.outputs")
+        if bare == "hydra.run.dir" and multirun:
+            raise ConfigError(f"{ov} names a single run's directory: with -m set hydra.sweep.dir "
+                              f"(or paths.outputs)")
+        if bare == "hydra.sweep.dir" and not multirun:
+            raise ConfigError(f"{ov} names a -m sweep's directory: for a single run set hydra.run.dir "
+                              f"(or paths.outputs)")
+
+
+def output_dirs(overrides: list[str]) -> dict[str, str]:
+    """The Hydra output directories the command line sets: {"run": ..., "sweep": ...}."""
+    out = {}
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key.lstrip("+") in HYDRA_DIRS and value:
+            out[key.lstrip("+").split(".")[1]] = value
+    return out
+
+
 def _check_groups(overrides: list[str]) -> None:
     for ov in overrides:
         key, _, value = ov.partition("=")

@@ -21,7 +21,8 @@ from .store import content_key
 from .zeroshot import TASK_FILES
 
 #: a stage's own version, for changes of meaning the code digest cannot see (e.g. a file format)
-STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 3, "evaluate": 2, "evaluate_fp": 2}
+STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 3, "evaluate": 2, "evaluate_fp": 2,
+                  "export": 1}
 
 
 def _model_id(cfg) -> dict:
@@ -76,6 +77,8 @@ def _eval_keys(cfg) -> dict:
         keys.update(_sel(cfg, "calib.dataset", "calib.split", "calib.dev_fraction"))
     if OmegaConf.select(cfg, "eval.tasks"):
         keys.update(_sel(cfg, "eval.tasks", "eval.limit", "eval.task_batch_size"))
+        if cfg.eval.num_fewshot:        # 0 (zero-shot) leaves the earlier keys as they were
+            keys.update(_sel(cfg, "eval.num_fewshot"))
         root = resolve_data_dir(cfg.paths.data_dir)
         keys["eval.task_files"] = {
             t: {f: _file(root / f, cfg) for f in TASK_FILES.get(t, ()) if (root / f).exists()}
@@ -120,10 +123,12 @@ STAGE_INPUTS = {
     "score": lambda c: {"model": _model_id(c), **_sel(c, "quant.percdamp", "batch_size"),
                         **_runtime(c)},
     "act_stats": lambda c: {"model": _model_id(c), **_sel(c, "batch_size"), **_runtime(c)},
-    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "batch_size", "save_model"),
+    "quantize": lambda c: {"model": _model_id(c), **_sel(c, "batch_size"),
                            **_method_keys(c), **_energy_keys(c), **_runtime(c)},
     "evaluate": lambda c: {**_eval_keys(c), **_runtime(c)},
     "evaluate_fp": lambda c: {"model": _model_id(c), **_eval_keys(c), **_runtime(c)},
+    # the quantized model (its quantize key) as a faithful checkpoint (spikellm.export)
+    "export": lambda c: {**_runtime(c)},
 }
 
 
@@ -168,6 +173,8 @@ def stages_of(cfg) -> list[tuple[str, dict[str, str]]]:
         q_deps[stage] = stage
     out.append(("quantize", q_deps))
     out.append(("evaluate", {"quantize": "quantize"}))
+    if cfg.save_model:
+        out.append(("export", {"quantize": "quantize"}))
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from spikellm.footprint import Footprint, footprint, llama_config, meta_model
+from spikellm.footprint import Footprint, arch_config, footprint, meta_model
 
 GiB = 2 ** 30
 #: anchors: one LLaMA-7B block (202 M parameters, 35 584 weight columns), 128 x 2048 tokens
@@ -58,7 +58,7 @@ def model_config(cfg):
     if not arch.get("layers"):
         raise PlanError(f"model={cfg.model.name}: no config.json at model.path, no model.hf_config and "
                         f"no model.arch: the dry run needs one of them")
-    return llama_config(arch, cfg.model.family)
+    return arch_config(arch, cfg.model.family)
 
 
 @dataclass
@@ -112,6 +112,12 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
         gpu = model_b + logits + work + ctx
         return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + model_b + (0 if on_gpu else logits)) / GiB,
                          0.001, t, {}, "whole model on the GPU(s)" if on_gpu else "whole model")
+    if stage == "export":               # save_model=true (no GPU: a checkpoint written or linked)
+        if stream:
+            return StagePlan(stage, 0.0, base / GiB, 0.001, 10.0, {}, "hard links of the streamed checkpoint")
+        # the whole model, plus the quantized block tensors loaded into it
+        return StagePlan(stage, 0.0, (base + 2 * model_b) / GiB, model_b / GiB, 60 + model_b / 200e6, {},
+                         "whole quantized model loaded and saved")
     if stage == "score":
         hess = sum(d * d for d in fp.hessian_dims) * 4 * 2
         gpu = resident + 2 * acts + hess + fwd_work + ctx

@@ -10,6 +10,7 @@ import shutil
 import socket
 import platform
 import subprocess
+import time
 import traceback
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 
 from .artifacts import Artifact, ArtifactStore
 from .dag import STAGE_VERSIONS, Plan
-from .stages import STAGE_FUNCTIONS, say
+from .stages import STAGE_FUNCTIONS, resolve_device, say
 from .store import write_json
 from .tracking import Tracker
 
@@ -156,21 +157,29 @@ def check_disk(node, root: Path) -> None:
                              f"larger filesystem")
 
 
+def _tags(cfg) -> list[str]:
+    """W&B tags of a run: the model, quant and spiking choices (and the recipe)."""
+    ch = cfg.get("_choices") or {}
+    return [str(ch[g]) for g in ("model", "quant", "spiking", "experiment") if ch.get(g)]
+
+
 def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tracker,
              sweep_dir: Path, name: str) -> Artifact:
     """Build one stage instance (under the store's lock), log it as one W&B run and record its
     state. Raises the stage's exception after recording it as failed."""
+    t_start = time.time()
     set_state(sweep_dir, node, "running", started=_now(), pid=os.getpid(),
               host=socket.gethostname(), slurm_job=os.environ.get("SLURM_JOB_ID"))
     record = {"config": node.inputs, "upstream": {r: a.key for r, a in deps.items()},
               "code_version": STAGE_VERSIONS[node.stage], "versions": versions()}
     try:
         check_disk(node, store.root)
-        with tracker.stage_run(node.stage, f"{name}:{node.stage}",
-                               {**_config_dict(node.cfg), "stage_key": node.key}) as run:
+        with tracker.stage_run(node.stage, name, {**_config_dict(node.cfg), "stage_key": node.key},
+                               tags=_tags(node.cfg)) as run:
             art, built = store.build(node.stage, node.key,
                                  lambda out: STAGE_FUNCTIONS[node.stage](
-                                     node.cfg, deps, out, checkpoint=claim_checkpoint(store, node)),
+                                     node.cfg, deps, out, checkpoint=claim_checkpoint(store, node),
+                                     on_block=run.log_block),
                                  record, upstream_digests(deps))
             shutil.rmtree(checkpoint_root(store, node), ignore_errors=True)   # committed: done
             run.log(art.metrics)
@@ -196,6 +205,9 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
         raise
     if built:
         set_state(sweep_dir, node, "done", ended=_now(), path=str(art.path))
+        from spikellm.blockwise import peak_memory_gb
+        say(f"stage {node.stage} {node.key} done: {time.time() - t_start:.1f}s, peak memory "
+            f"{peak_memory_gb(resolve_device(node.cfg.device)):.2f} GiB")
     else:                    # another process built it while this one waited on the lock
         set_state(sweep_dir, node, "cached", ended=_now(), path=str(art.path),
                   reason="built by another process while this one waited")
@@ -203,9 +215,10 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
 
 
 def execute_local(plan: Plan, store: ArtifactStore, tracker: Tracker, sweep_dir: Path,
-                  names: list[str]) -> dict[str, Artifact | None]:
+                  labels: dict[str, str]) -> dict[str, Artifact | None]:
     """Run every node in dependency order; a failed node cancels its dependents but not the
-    rest. Returns node id -> artifact (None when failed or cancelled)."""
+    rest. `labels`: node id -> its W&B run name (`sweep.stage_labels`). Returns node id ->
+    artifact (None when failed or cancelled)."""
     done: dict[str, Artifact | None] = {}
     for node in plan.nodes.values():
         bad = [d for d in node.deps.values() if done.get(d) is None]
@@ -220,7 +233,7 @@ def execute_local(plan: Plan, store: ArtifactStore, tracker: Tracker, sweep_dir:
             continue
         try:
             done[node.id] = run_node(node, {role: done[i] for role, i in node.deps.items()},
-                                     store, tracker, sweep_dir, names[node.points[0]])
+                                     store, tracker, sweep_dir, labels[node.id])
         except Exception:  # recorded by run_node; keep going with what does not depend on it
             done[node.id] = None
     return done

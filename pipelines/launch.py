@@ -28,15 +28,24 @@ from .tracking import Tracker
 
 
 @functools.lru_cache(maxsize=None)
-def slurm_available() -> bool:
-    """A SLURM controller answers (sbatch on PATH and `squeue` succeeds); asked once per process."""
-    if not shutil.which("sbatch") or not shutil.which("squeue"):
-        return False
+def slurm_status() -> str | None:
+    """None when a SLURM controller answers (sbatch on PATH and `squeue` succeeds), else why
+    not (one phrase); asked once per process."""
+    missing = [c for c in ("sbatch", "squeue") if not shutil.which(c)]
+    if missing:
+        return f"{' and '.join(missing)} not on PATH"
     try:
-        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+        p = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"squeue failed ({type(e).__name__})"
+    if p.returncode != 0:
+        err = (p.stderr or "").strip().splitlines()
+        return f"squeue exited {p.returncode}" + (f": {err[0][:120]}" if err else "")
+    return None
+
+
+def slurm_available() -> bool:
+    return slurm_status() is None
 
 
 def resolve_launcher(kind: str) -> str:
@@ -45,17 +54,28 @@ def resolve_launcher(kind: str) -> str:
     return "slurm" if slurm_available() else "local"
 
 
+def launcher_choice(kind: str) -> str:
+    """The line that says which launcher runs the sweep and why (printed before any work)."""
+    chosen = resolve_launcher(kind)
+    if kind != "auto":
+        return f"launcher={chosen}"
+    if chosen == "slurm":
+        return "launcher=auto chose slurm: a SLURM controller answers (set launcher=local to run here)"
+    return (f"launcher=auto chose local, in this process: no SLURM ({slurm_status()}); "
+            f"set launcher=slurm to require a cluster")
+
+
 def _tracker_for(cfg, sweep_dir: Path, group: str | None) -> Tracker:
     lg = cfg.logger
     return Tracker(lg.backend, lg.mode, lg.project, lg.entity, sweep_dir, group=group)
 
 
-def save_plan(plan: Plan, sweep_dir: Path, names: list[str], group: str | None) -> None:
+def save_plan(plan: Plan, sweep_dir: Path, labels: dict[str, str], group: str | None) -> None:
     """Everything a job needs to run any node, pickled next to plan.json."""
     blob = {"nodes": {i: {"stage": n.stage, "key": n.key, "inputs": n.inputs, "deps": n.deps,
                           "points": n.points, "cfg": OmegaConf.to_container(n.cfg)}
                       for i, n in plan.nodes.items()},
-            "names": names, "group": group}
+            "labels": labels, "group": group}
     with open(sweep_dir / "plan.pkl", "wb") as f:
         pickle.dump(blob, f)
 
@@ -105,15 +125,23 @@ def run_node_job(sweep_dir: str, node_id: str) -> str:
             raise RuntimeError(f"upstream {dep_id} has no artifact")
         deps[role] = art
     art = run_node(node, deps, store, _tracker_for(node.cfg, sweep, blob["group"]), sweep,
-                   blob["names"][node.points[0]])
+                   blob["labels"][node_id])
     return str(art.path)
 
 
+#: stages that need no GPU: SLURM jobs on launcher.cpu_jobs' partition
+CPU_STAGES = ("calibrate", "export")
+
+
 def stage_resources(node) -> dict:
-    """Per-stage resources: calibration is a small CPU job, the rest what the model needs."""
+    """Per-stage resources: calibration is a small CPU job (`launcher.cpu_jobs`), export a CPU
+    job with the model's memory, the rest what `model.resources` says."""
     r = node.cfg.model.resources
     if node.stage == "calibrate":
-        return {"gpus": 0, "cpus": 1, "mem_gb": 4, "time_min": 60}
+        cj = node.cfg.launcher.cpu_jobs
+        return {"gpus": 0, "cpus": int(cj.cpus), "mem_gb": int(cj.mem_gb), "time_min": int(cj.time_min)}
+    if node.stage == "export":        # writes (or links) a checkpoint: host memory and disk only
+        return {"gpus": 0, "cpus": int(r.cpus), "mem_gb": int(r.mem_gb), "time_min": int(r.time_min)}
     # a streamed evaluation (eval.stream) holds one block: the quantize stage's GPUs suffice
     whole_eval = node.stage.startswith("evaluate") and not node.cfg.eval.stream
     gpus = eval_gpus(r) if whole_eval else r.gpus
@@ -121,12 +149,45 @@ def stage_resources(node) -> dict:
             "time_min": int(r.time_min)}
 
 
-def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, names: list[str],
+def slurm_parameters(stage: str, res: dict, lc, sweep_id: str) -> dict:
+    """submitit's update_parameters for one job array of `stage` with resources `res` under
+    launcher config `lc` (SlurmQueueConf's keys; see conf/launcher/local.yaml)."""
+    params = {"name": f"spikellm-{sweep_id}-{stage}", "timeout_min": res["time_min"],
+              "slurm_array_parallelism": int(lc.array_parallelism),
+              "slurm_signal_delay_s": int(lc.signal_delay_s)}
+    gpu = res["gpus"] > 0
+    if gpu and lc.get("cpus_per_gpu"):
+        params["slurm_cpus_per_gpu"] = int(lc.cpus_per_gpu)
+    else:
+        params["cpus_per_task"] = res["cpus"]
+    if gpu and lc.get("mem_per_gpu_gb"):
+        params["slurm_mem_per_gpu"] = f"{int(lc.mem_per_gpu_gb)}G"
+    else:
+        params["mem_gb"] = res["mem_gb"]
+    if gpu and lc.get("gres"):
+        params["slurm_gres"] = str(lc.gres)
+    elif gpu:
+        params["gpus_per_node"] = res["gpus"]
+    partition = (lc.cpu_jobs.partition if stage in CPU_STAGES else None) or lc.get("partition")
+    if partition:
+        params["slurm_partition"] = str(partition)
+    for key in ("account", "qos", "constraint", "exclude"):
+        if lc.get(key):
+            params[f"slurm_{key}"] = str(lc.get(key))
+    if lc.get("setup"):
+        params["slurm_setup"] = [str(x) for x in lc.setup]
+    extra = {"kill-on-invalid-dep": "yes"}
+    extra.update({str(k): v for k, v in (lc.get("additional_parameters") or {}).items()})
+    params["slurm_additional_parameters"] = extra
+    return params
+
+
+def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, labels: dict[str, str],
            launcher_cfg, group: str | None, kind: str) -> list:
     """Submit every not-yet-cached node; returns the submitit jobs (one per node)."""
     import submitit
 
-    save_plan(plan, sweep_dir, names, group)
+    save_plan(plan, sweep_dir, labels, group)
     pending = OrderedDict()
     cached = resolve_cached(plan, store)
     for node in plan.nodes.values():
@@ -144,30 +205,25 @@ def submit(plan: Plan, store: ArtifactStore, sweep_dir: Path, names: list[str],
     jobs = []
     for (stage, res_items), nodes in arrays.items():
         res = dict(res_items)
-        executor = submitit.AutoExecutor(folder=sweep_dir / "submitit" / "%j",
-                                         cluster="local" if kind == "submitit_local" else "slurm")
-        params = {"name": f"spikellm-{stage}", "timeout_min": res["time_min"],
-                  "mem_gb": res["mem_gb"], "cpus_per_task": res["cpus"]}
+        folder = launcher_cfg.get("submitit_folder") or sweep_dir / "submitit" / "%j"
         if kind == "slurm":
-            if res["gpus"]:
-                params["gpus_per_node"] = res["gpus"]
-            params["slurm_array_parallelism"] = int(launcher_cfg.array_parallelism)
-            extra = {"kill-on-invalid-dep": "yes"}
-            for key in ("partition", "account", "qos", "constraint"):
-                value = launcher_cfg.get(key)
-                if value:
-                    params[f"slurm_{key}"] = value
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                             slurm_max_num_timeout=int(launcher_cfg.max_num_timeout))
+            params = slurm_parameters(stage, res, launcher_cfg, sweep_dir.name)
             dep = _dependency(nodes, pending, job_of, array_of)
             if dep:
-                extra["dependency"] = dep
-            params["slurm_additional_parameters"] = extra
+                params["slurm_additional_parameters"]["dependency"] = dep
+        else:
+            executor = submitit.AutoExecutor(folder=folder, cluster="local")
+            params = {"name": f"spikellm-{sweep_dir.name}-{stage}", "timeout_min": res["time_min"],
+                      "mem_gb": res["mem_gb"], "cpus_per_task": res["cpus"]}
         executor.update_parameters(**params)
         batch = executor.map_array(NodeJob(), [str(sweep_dir)] * len(nodes),
                                    [n.id for n in nodes])
         for node, job in zip(nodes, batch):
             job_of[node.id] = job
             array_of[node.id] = str(job.job_id).split("_")[0]
-            set_state(sweep_dir, node, "queued", job_id=str(job.job_id))
+            set_state(sweep_dir, node, "queued", job_id=str(job.job_id), log=str(job.paths.stdout))
         jobs.extend(batch)
         say(f"submitted {stage}: {len(nodes)} job(s) {batch[0].job_id.split('_')[0]}"
             + (f" after {params['slurm_additional_parameters'].get('dependency')}"

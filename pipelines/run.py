@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from spikellm.data import DataError
 
 from .artifacts import StoreIOError
-from .config import ConfigError, compose_config, compose_sweep, expand_points, expand_sweep, recipe_sweep
+from .config import (HYDRA_DIRS, ConfigError, check_cli_overrides, compose_config, compose_sweep,
+                     expand_points, expand_sweep, output_dirs, recipe_sweep)
 from .schema import PreflightError, preflight
 from .sweep import print_sweep, run_sweep
 
@@ -31,12 +32,27 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
+def _check_output_dirs(dirs: dict[str, str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir must not hold an earlier run's record (it would be mixed
+    with this one's or overwritten)."""
+    from pathlib import Path
+    for kind, marker in (("run", "manifest.json"), ("sweep", "plan.json")):
+        d = dirs.get(kind)
+        if d and (Path(d) / marker).exists():
+            raise ConfigError(f"hydra.{kind}.dir={d} already holds a {kind} record ({marker}): choose a "
+                              f"new directory (cached stages are reused from paths.outputs either way)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     show_cfg = "--cfg" in argv
     overrides = [a for a in argv if a not in ("-m", "--multirun", "--cfg")]
     try:
+        check_cli_overrides(overrides, multirun)
+        dirs = output_dirs(overrides)          # Hydra's output directories: not config keys
+        overrides = [o for o in overrides if o.partition("=")[0].lstrip("+") not in HYDRA_DIRS]
+        _check_output_dirs(dirs)
         points = expand_points(overrides) if multirun else [overrides]
         if not multirun and len(expand_sweep(overrides)) > 1:
             raise ConfigError("an override sweeps several values (a=1,2): add -m to run a sweep")
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _sigterm_as_interrupt()
     try:
-        manifests, ok = run_sweep(cfgs, points)
+        manifests, ok = run_sweep(cfgs, points, dirs)
     except (FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from spikellm.allocation import EnergyModel
 from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, unknown_key
 from spikellm.config import validate as validate_method
-from spikellm.data import DATASETS, SPLITS, CalibSpec, dataset_name, is_text_file
+from spikellm.data import DATASETS, SPLITS, CalibSpec, dataset_name, is_text_file, resolve_data_dir
 
 from .zeroshot import TASKS as ZS_TASKS
 
@@ -69,10 +69,13 @@ class EvalCfg:
     max_windows: Optional[int] = None
     batch_size: int = 4
     fp_baseline: bool = True
-    #: zero-shot tasks scored through lm-eval (empty: perplexity only)
+    #: lm-eval tasks (empty: perplexity only): the paper's six read local files where the data
+    #: directory has them; any other task lm-eval knows loads from the hub (online only)
     tasks: list[str] = field(default_factory=list)
     limit: Optional[float] = None        # documents per task (int) or fraction (< 1); null = all
     task_batch_size: int = 8
+    #: in-context examples per task (lm-eval's --num_fewshot; 0 = zero-shot, the paper's setting)
+    num_fewshot: int = 0
     #: perplexity block by block from the checkpoint's shards (one block + the windows' hidden
     #: states in memory; needs model.stream=true and no eval.tasks)
     stream: bool = False
@@ -114,7 +117,20 @@ class LoggerCfg:
 
 
 @dataclass
+class CPUJobsCfg:
+    """The stages that need no GPU (calibrate) as SLURM jobs; export uses model.resources'
+    memory, without GPUs, on this partition too."""
+    partition: Optional[str] = None   #: default: launcher.partition
+    cpus: int = 1
+    mem_gb: int = 4
+    time_min: int = 60
+
+
+@dataclass
 class LauncherCfg:
+    """Where stages run (`kind`) and, for SLURM, what each job asks for: the keys of
+    hydra-submitit-launcher's SlurmQueueConf that a cluster needs. The GPU stages take GPUs,
+    CPUs, memory and time from `model.resources`; the CPU stages from `cpu_jobs`."""
     kind: str = "auto"
     wait: bool = False
     array_parallelism: int = 16
@@ -122,6 +138,25 @@ class LauncherCfg:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
+    #: nodes to avoid (sbatch --exclude)
+    exclude: Optional[str] = None
+    #: generic resources of the GPU stages, e.g. "gpu:a100:4" (sbatch --gres, instead of --gpus-per-node)
+    gres: Optional[str] = None
+    #: CPUs per GPU of the GPU stages (--cpus-per-gpu, instead of model.resources.cpus per task)
+    cpus_per_gpu: Optional[int] = None
+    #: memory per GPU in GB of the GPU stages (--mem-per-gpu, instead of model.resources.mem_gb)
+    mem_per_gpu_gb: Optional[int] = None
+    #: shell lines each job runs first (module load ..., source .venv/bin/activate)
+    setup: list[str] = field(default_factory=list)
+    #: any other sbatch option, without dashes: {mail-type: END, reservation: x}
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    #: requeues after a time limit or preemption before a job counts as failed
+    max_num_timeout: int = 3
+    #: seconds before the time limit at which the job is signalled to checkpoint and requeue
+    signal_delay_s: int = 120
+    #: submitit's folder for job scripts and logs; default <sweep record>/submitit/%j
+    submitit_folder: Optional[str] = None
+    cpu_jobs: CPUJobsCfg = field(default_factory=CPUJobsCfg)
 
 
 @dataclass
@@ -188,7 +223,9 @@ def validate(cfg: Any) -> None:
         (c.calib.split != EVAL_SPLIT.get(c.calib.dataset), "calib.split",
          f"not the test split of {c.calib.dataset} (calibrating on test data makes every number unfair)",
          c.calib.split),
-        (all(t in ZS_TASKS for t in c.eval.tasks), "eval.tasks", f"a list drawn from {', '.join(ZS_TASKS)}", list(c.eval.tasks)),
+        (all(isinstance(t, str) and t.strip() for t in c.eval.tasks), "eval.tasks",
+         f"a list of lm-eval task names (e.g. {', '.join(ZS_TASKS)})", list(c.eval.tasks)),
+        (c.eval.num_fewshot >= 0, "eval.num_fewshot", ">= 0", c.eval.num_fewshot),
         (c.eval.limit is None or c.eval.limit > 0, "eval.limit", "null, a count >= 1 or a fraction in (0, 1)", c.eval.limit),
         (not c.eval.stream or c.model.stream, "eval.stream",
          "false unless model.stream=true (a streamed evaluation reads the quantized checkpoint's shards)", c.eval.stream),
@@ -204,6 +241,14 @@ def validate(cfg: Any) -> None:
         (c.logger.backend == "none" or c.logger.mode in ("offline", "online"), "logger.mode", "offline or online", c.logger.mode),
         (c.launcher.kind in ("auto", "local", "submitit_local", "slurm"), "launcher.kind", "auto, local, submitit_local or slurm", c.launcher.kind),
         (c.launcher.array_parallelism >= 1, "launcher.array_parallelism", ">= 1", c.launcher.array_parallelism),
+        (c.launcher.max_num_timeout >= 0, "launcher.max_num_timeout", ">= 0", c.launcher.max_num_timeout),
+        (c.launcher.signal_delay_s >= 0, "launcher.signal_delay_s", ">= 0", c.launcher.signal_delay_s),
+        (c.launcher.cpus_per_gpu is None or c.launcher.cpus_per_gpu >= 1, "launcher.cpus_per_gpu", ">= 1 or null",
+         c.launcher.cpus_per_gpu),
+        (c.launcher.mem_per_gpu_gb is None or c.launcher.mem_per_gpu_gb >= 1, "launcher.mem_per_gpu_gb",
+         ">= 1 or null", c.launcher.mem_per_gpu_gb),
+        (c.launcher.cpu_jobs.cpus >= 1 and c.launcher.cpu_jobs.mem_gb >= 1 and c.launcher.cpu_jobs.time_min >= 1,
+         "launcher.cpu_jobs", "cpus, mem_gb and time_min >= 1", dict(c.launcher.cpu_jobs)),
         (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device", "auto, cpu, cuda or cuda:N", c.device),
     ]
     for ok, key, allowed, value in checks:
@@ -316,7 +361,10 @@ def preflight(cfg: Any) -> None:
     from spikellm.data import EVAL_SPLIT, check_available, dev_source
     from spikellm.models import resolve_source
     check_outputs(cfg.paths.outputs)
-    from .launch import resolve_launcher
+    from .launch import resolve_launcher, slurm_status
+    if cfg.launcher.kind == "slurm" and slurm_status() is not None:
+        raise PreflightError(f"launcher=slurm but no SLURM controller answers ({slurm_status()}): "
+                             f"run on a login node of the cluster, or use launcher=local")
     if resolve_launcher(cfg.launcher.kind) == "local":   # SLURM jobs check on their own node
         check_device(cfg.device)
     if cfg.model.path not in (None, "embedded"):
@@ -331,3 +379,9 @@ def preflight(cfg: Any) -> None:
         else:
             check_available(d, EVAL_SPLIT.get(d, "test"), cfg.paths.data_dir)
     check_context(cfg)
+    if cfg.eval.tasks:
+        from .zeroshot import check_tasks
+        try:
+            check_tasks(list(cfg.eval.tasks), resolve_data_dir(cfg.paths.data_dir))
+        except ValueError as e:
+            raise PreflightError(str(e)) from None

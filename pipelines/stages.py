@@ -120,24 +120,24 @@ def act_stats(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
 
 
 def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None = None,
-                   **_) -> dict:
+                   on_block=None, **_) -> dict:
     """-> weights.safetensors (every tensor of the quantized blocks: weights, norms, the
     quantizers' masks), module_stats.json, layer_costs.json, notes.json (+ omni_params.safetensors
     for methods that learn parameters); with `model.stream`, model/ instead of weights.safetensors.
 
     Each finished block is committed to `checkpoint`; a re-run after a kill, preemption or
-    time limit resumes after the last committed block."""
+    time limit resumes after the last committed block. `on_block(row)`: each finished block's
+    index, loss, seconds and memory (the stage's W&B run logs them live)."""
     if cfg.model.stream:
-        return _streamed_quantize(cfg, deps, out, checkpoint)
+        return _streamed_quantize(cfg, deps, out, checkpoint, on_block)
     lm = load(cfg)
-    metrics = _quantize_and_report(cfg, deps, out, lm.model, checkpoint, "")
+    metrics = _quantize_and_report(cfg, deps, out, lm.model, checkpoint, "", on_block=on_block)
     save_file(_block_tensors(lm), str(out / "weights.safetensors"))
-    _save_model(cfg, lm, out)
     return metrics
 
 
 def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, checkpoint: Path | None,
-                         origin: str, stream=None) -> dict:
+                         origin: str, stream=None, on_block=None) -> dict:
     """The method's run on `model` (whole or streamed) -> module_stats.json, layer_costs.json,
     notes.json (and omni_params.safetensors when it learned parameters) in `out`, and the
     stage's metrics: cost/* (steps, ACE, storage bits, energy per token), time, memory."""
@@ -153,7 +153,7 @@ def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, check
         f"on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     report = quantize(model, calib.to(device), q, s, batch_size=cfg.batch_size, device=device,
                       progress=cfg.progress, log=say, checkpoint_dir=checkpoint, stream=stream,
-                      **options)
+                      on_block=on_block, **options)
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
@@ -193,7 +193,8 @@ def _local_source(cfg) -> str:
     return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
 
 
-def _streamed_quantize(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None) -> dict:
+def _streamed_quantize(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path | None,
+                       on_block=None) -> dict:
     """`model.stream=true`: blocks stream from the checkpoint's shards one at a time and the
     quantized blocks are written as they finish -> model/ (a sharded safetensors checkpoint that
     transformers loads; the quantizers' buffers ride along), module_stats.json,
@@ -207,7 +208,7 @@ def _streamed_quantize(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Pa
     target = (checkpoint / "model") if checkpoint is not None else (out / "model")
     stream = open_streaming(source, target, cfg.model.dtype, device)
     metrics = _quantize_and_report(cfg, deps, out, stream.model, checkpoint,
-                                   f" streamed block by block from {source}", stream)
+                                   f" streamed block by block from {source}", stream, on_block)
     stream.finish(AutoTokenizer.from_pretrained(source))
     if target != out / "model":
         os.replace(target, out / "model")
@@ -218,12 +219,6 @@ def _write_layer_costs(out: Path, costs: list) -> None:
     """layer_costs.json: per linear layer, per token: MACs' bit-widths, steps, ACE, additive share
     (what the run manifest's energy estimate is computed from)."""
     (out / "layer_costs.json").write_text(json.dumps([c.row() for c in costs], indent=1))
-
-
-def _save_model(cfg, lm: LoadedModel, out: Path) -> None:
-    if cfg.save_model:
-        lm.model.save_pretrained(out / "model")
-        lm.tokenizer.save_pretrained(out / "model")
 
 
 def _block_tensors(lm: LoadedModel) -> dict[str, torch.Tensor]:
@@ -276,14 +271,17 @@ def _ppl(cfg, lm: LoadedModel, tag: str, stream=None) -> dict:
     return out
 
 
-def _scores(cfg, lm: LoadedModel, tag: str) -> dict:
-    """Everything an evaluate stage measures on `lm`: perplexities and zero-shot accuracies."""
-    return {**_ppl(cfg, lm, tag), **_zero_shot(cfg, lm, tag)}
+def _scores(cfg, lm: LoadedModel, tag: str, out: Path) -> dict:
+    """Everything an evaluate stage measures on `lm`: perplexities and task accuracies (lm-eval's
+    results JSON into `out`)."""
+    return {**_ppl(cfg, lm, tag), **_zero_shot(cfg, lm, tag, out)}
 
 
-def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
-    """`eval.tasks` through lm-eval on the model as it is in memory (quantized forwards scored);
-    metrics acc/<task>, acc_norm/<task>, acc/avg (acc/fp/... for the full-precision model)."""
+def _zero_shot(cfg, lm: LoadedModel, tag: str, out: Path) -> dict:
+    """`eval.tasks` through lm-eval on the model as it is in memory (quantized forwards scored),
+    with `eval.num_fewshot` examples; metrics acc/<task>, acc_norm/<task>, acc_stderr/<task>,
+    any other metric the task reports, acc/avg (acc/fp/... for the full-precision model); lm-eval's
+    own results JSON is saved with the artifact (lm_eval_results.json)."""
     if not cfg.eval.tasks:
         return {}
     from spikellm.embedded import cache_root
@@ -293,7 +291,8 @@ def _zero_shot(cfg, lm: LoadedModel, tag: str) -> dict:
     res = zero_shot(lm.model, lm.tokenizer, list(cfg.eval.tasks), cfg.paths.data_dir,
                     cache_root() / "tasks", batch_size=cfg.eval.task_batch_size,
                     limit=cfg.eval.limit, device=resolve_device(cfg.device),
-                    warn=lambda m: say(f"warning: {m}"))
+                    warn=lambda m: say(f"warning: {m}"), num_fewshot=cfg.eval.num_fewshot,
+                    results_file=out / "lm_eval_results.json")
     if "acc/avg" in res:
         say("zero-shot acc: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in res.items()
                                           if k.startswith("acc/")) + f" ({time.time() - t0:.0f}s)")
@@ -307,7 +306,7 @@ def evaluate_fp(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Full-precision perplexities: the baseline every quantized point is compared with."""
     if cfg.eval.stream:
         return _streamed_ppl(cfg, _local_source(cfg), "fp")
-    return _scores(cfg, load(cfg, whole_model=True), "fp")
+    return _scores(cfg, load(cfg, whole_model=True), "fp", out)
 
 
 def _streamed_ppl(cfg, checkpoint, tag: str) -> dict:
@@ -325,21 +324,18 @@ def _streamed_ppl(cfg, checkpoint, tag: str) -> dict:
         stream.close()
 
 
-def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
-    """Perplexities (and zero-shot accuracies) of the quantized model: the checkpoint with its
-    blocks replaced by the quantize artifact's tensors (weights.safetensors), or, for a streamed
+def _quantized_model(cfg, q: Artifact) -> LoadedModel:
+    """The quantized model of quantize artifact `q`, whole in memory: the checkpoint with its
+    blocks replaced by the artifact's tensors (weights.safetensors), or, for a streamed
     quantize, the quantized checkpoint it wrote to model/. Either way the method first restores
     the runtime modules it needs (e.g. OmniQuant's activation and KV quantizers), whose saved
     buffers (salient masks, K ranges) then load too."""
     from spikellm.methods import make_method, restore_quantized
-    q = deps["quantize"]
-    if cfg.eval.stream:
-        return _streamed_ppl(cfg, q.file("model"), "quant")
     if not q.file("weights.safetensors").exists():   # streamed: model/ is the quantized checkpoint
         lm = load_model(str(q.file("model")), cfg.model.dtype, resolve_device(cfg.device),
                         _device_map(cfg, whole_model=True))
         restore_quantized(lm.model, lm.spec, *method_configs(cfg), q.file("model"))
-        return _scores(cfg, lm, "quant")
+        return lm
     lm = load(cfg, whole_model=True)
     make_method(*method_configs(cfg), lm.spec).restore_for_inference(lm.model)
     weights = load_file(str(q.file("weights.safetensors")))
@@ -348,8 +344,35 @@ def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
         strict=False)
     if missing.unexpected_keys:
         raise RuntimeError(f"quantized weights do not fit the model: {missing.unexpected_keys[:3]}")
-    return _scores(cfg, lm, "quant")
+    return lm
+
+
+def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
+    """Perplexities (and zero-shot accuracies) of the quantized model (`_quantized_model`), or
+    with `eval.stream` block by block from the streamed quantize's checkpoint."""
+    q = deps["quantize"]
+    if cfg.eval.stream:
+        return _streamed_ppl(cfg, q.file("model"), "quant")
+    return _scores(cfg, _quantized_model(cfg, q), "quant", out)
+
+
+def export(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
+    """`save_model=true` -> model/: the quantized model as a faithful checkpoint
+    (`spikellm.export`: weights, the method's runtime tensors, tokenizer, and a
+    quantization_config that `spikellm.load_quantized` rebuilds the method from). A streamed
+    quantize's checkpoint is linked, not loaded; the run directory gets hard links of it."""
+    from spikellm.export import checkpoint_bytes, link_checkpoint, mark_quantized, save_quantized
+    t0 = time.time()
+    q = deps["quantize"]
+    qcfg, scfg = method_configs(cfg)
+    if q.file("weights.safetensors").exists():
+        lm = _quantized_model(cfg, q)
+        save_quantized(lm.model, lm.tokenizer, qcfg, scfg, out / "model")
+    else:
+        link_checkpoint(q.file("model"), out / "model")
+        mark_quantized(out / "model", qcfg, scfg)
+    return {"time/export_s": time.time() - t0, "export/gb": checkpoint_bytes(out / "model") / 1e9}
 
 
 STAGE_FUNCTIONS = {"calibrate": calibrate, "score": score, "act_stats": act_stats, "quantize": quantize_stage,
-                   "evaluate": evaluate, "evaluate_fp": evaluate_fp}
+                   "evaluate": evaluate, "evaluate_fp": evaluate_fp, "export": export}

@@ -31,34 +31,43 @@ def _state_counts(sweep_dir: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
+def run_sweep(cfgs: list, points: list[list[str]], dirs: dict[str, str] | None = None
+              ) -> tuple[list[Path], bool]:
     """Plan all points as one DAG, run each distinct stage once, write one manifest per point.
+    `dirs`: Hydra's output directories from the command line ({"run": hydra.run.dir} for a
+    single run, {"sweep": hydra.sweep.dir} for -m, point n then in <sweep>/<n>); by default the
+    sweep record is <paths.outputs>/sweeps/<date>/<time> and each run <paths.outputs>/runs/...
     Returns (manifest paths, all succeeded)."""
     from .dag import plan as make_plan
     from .execute import execute_local, resolve_cached, write_plan
-    from .launch import resolve_launcher, submit, wait_slurm
+    from .launch import launcher_choice, resolve_launcher, submit, wait_slurm
     from .tracking import Tracker
 
     first = cfgs[0]
     stamp = _dt.datetime.now()
     outputs = Path(first.paths.outputs)
-    sweep_dir = outputs / "sweeps" / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S-%f")[:-3]
+    dirs = dirs or {}
+    sweep_dir = Path(dirs["sweep"]) if "sweep" in dirs else \
+        outputs / "sweeps" / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S-%f")[:-3]
     the_plan = make_plan(cfgs)
     write_plan(the_plan, sweep_dir, points)
     names = [run_name(c) for c in cfgs]
+    labels = stage_labels(the_plan, points, names)
     lg = first.logger
-    tracker = Tracker(lg.backend, lg.mode, lg.project, lg.entity, sweep_dir, group=sweep_dir.name
-                      if len(cfgs) > 1 else None)
+    tracker = Tracker(lg.backend, lg.mode, lg.project, lg.entity, sweep_dir,
+                      group=sweep_group(first, sweep_dir, len(cfgs)))
     counts = the_plan.count()
     stages.say(f"plan: {len(cfgs)} point(s), " + ", ".join(f"{k} {v}" for k, v in counts.items())
                + f"; sweep record {sweep_dir}")
     t0 = time.time()
     store = open_store(first)
     kind = resolve_launcher(first.launcher.kind)
+    if first.launcher.kind == "auto":
+        stages.say(launcher_choice(first.launcher.kind))
     if kind == "local":
-        done = execute_local(the_plan, store, tracker, sweep_dir, names)
+        done = execute_local(the_plan, store, tracker, sweep_dir, labels)
     else:
-        jobs = submit(the_plan, store, sweep_dir, names, first.launcher, tracker.group, kind)
+        jobs = submit(the_plan, store, sweep_dir, labels, first.launcher, tracker.group, kind)
         if kind == "slurm" and not first.launcher.wait:
             print(f"submitted {len(jobs)} job(s); follow them with: python -m pipelines.status "
                   f"{sweep_dir}")
@@ -75,7 +84,9 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
             print(f"point {' '.join(points[p]) or '(defaults)'}: did not finish ({failed[0]}); "
                   f"see python -m pipelines.status {sweep_dir}", file=sys.stderr)
             continue
-        manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir))
+        run_dir = Path(dirs["run"]) if "run" in dirs else (sweep_dir / str(p) if "sweep" in dirs else None)
+        manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir, run_dir))
+        log_point(tracker, cfg, json.loads(manifests[-1].read_text()), points, p, names[p])
     executed = _state_counts(sweep_dir)
     wall = time.time() - t0
     write_json(sweep_dir / "summary.json", {"wall_s": wall, "points": len(cfgs), "counts": counts,
@@ -90,12 +101,75 @@ def run_sweep(cfgs: list, points: list[list[str]]) -> tuple[list[Path], bool]:
     return manifests, ok
 
 
-def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
+def varying_keys(points: list[list[str]]) -> list[str]:
+    """The override keys whose value differs between the sweep's points (first-seen order)."""
+    seen: dict[str, set] = {}
+    for p in points:
+        d = dict(o.split("=", 1) for o in p if "=" in o)
+        for k in d:
+            seen.setdefault(k.lstrip("+"), set())
+    for p in points:
+        d = {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in p if "=" in o)}
+        for k in seen:
+            seen[k].add(d.get(k))
+    return [k for k, vals in seen.items() if len(vals) > 1]
+
+
+def _point_values(point: list[str], keys: list[str]) -> dict[str, str]:
+    d = {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in point if "=" in o)}
+    return {k: d[k] for k in keys if k in d}
+
+
+def stage_labels(plan, points: list[list[str]], names: list[str]) -> dict[str, str]:
+    """node id -> its W&B run name: in a sweep, the stage and the swept values its points share
+    ("quantize spiking.ratio=0.1 spiking.select=random"; "calibrate (shared by 8 points)",
+    "score (shared by 4 points: spiking.select=saliency)"); in a single run, run name:stage."""
+    keys = varying_keys(points)
+    out = {}
+    for node in plan.nodes.values():
+        if len(points) == 1:
+            out[node.id] = f"{names[0]}:{node.stage}"
+            continue
+        vals = [_point_values(points[p], keys) for p in node.points]
+        common = [f"{k}={vals[0][k]}" for k in keys if k in vals[0] and all(v.get(k) == vals[0][k] for v in vals)]
+        if len(node.points) == 1:
+            out[node.id] = " ".join([node.stage, *common])
+        else:
+            out[node.id] = f"{node.stage} (shared by {len(node.points)} points" + \
+                (f": {' '.join(common)})" if common else ")")
+    return out
+
+
+def sweep_group(cfg, sweep_dir: Path, n_points: int) -> str:
+    """The W&B group of a sweep's runs: its recipe (or "sweep" / "run"), date and time."""
+    label = cfg._choices.get("experiment") or ("sweep" if n_points > 1 else "run")
+    date = sweep_dir.parent.name if sweep_dir.parent.parent.name == "sweeps" else \
+        _dt.date.today().isoformat()
+    return f"{label}-{date}-{sweep_dir.name}"
+
+
+def log_point(tracker, cfg, manifest: dict, points: list[list[str]], p: int, name: str) -> None:
+    """One W&B run for sweep point `p` with its whole result (`Tracker.point_run`)."""
+    keys = varying_keys(points) if len(points) > 1 else []
+    config = {k: v for k, v in manifest["config"].items()}
+    for k in keys:                     # the swept keys as top-level columns, typed
+        config[k] = cfg._choices.get(k) if k in cfg._choices else OmegaConf.select(cfg, k)
+    config["choices"] = manifest["choices"]
+    label = " ".join(f"{k}={v}" for k, v in _point_values(points[p], keys).items()) or name
+    tags = [str(manifest["choices"].get(g)) for g in ("model", "quant", "spiking") if manifest["choices"].get(g)]
+    if manifest["choices"].get("experiment"):
+        tags.append(str(manifest["choices"]["experiment"]))
+    tracker.point_run(label, config, manifest["metrics"], tags)
+
+
+def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path, run_dir: Path | None = None) -> Path:
+    """The point's run directory (default <paths.outputs>/runs/<date>/<time>_<name>): manifest.json,
+    module_stats.json, and with save_model its exported model/."""
     stamp = _dt.datetime.now()
-    run_dir = Path(cfg.paths.outputs) / "runs" / stamp.strftime("%Y-%m-%d") / \
+    run_dir = run_dir or Path(cfg.paths.outputs) / "runs" / stamp.strftime("%Y-%m-%d") / \
         f"{stamp.strftime('%H-%M-%S-%f')[:-3]}_{name}"
     metrics: dict = {}
-    for stage in ("evaluate_fp", "quantize", "evaluate"):
+    for stage in ("evaluate_fp", "quantize", "evaluate", "export"):
         if stage in arts:
             metrics.update(arts[stage].metrics)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -118,6 +192,10 @@ def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path) -> Path:
     # per-layer detail; the totals (cost/energy_*) are the quantize stage's own metrics
     manifest["energy"] = energy_estimate(cfg, q.file("layer_costs.json"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if "export" in arts:        # save_model=true: the checkpoint into the run directory, cached or not
+        from spikellm.export import link_checkpoint
+        link_checkpoint(arts["export"].file("model"), run_dir / "model")
+        manifest["model_dir"] = str(run_dir / "model")
     stats = q.file("module_stats.json")
     if stats.exists():
         (run_dir / "module_stats.json").write_text(stats.read_text())
@@ -188,6 +266,8 @@ def print_table(manifest: dict, path: Path) -> None:
         print(f"  {k.ljust(width)}  {_fmt(m[k])}")
     if manifest.get("energy"):
         print(f"  (cost/energy_*: ASSUMED constants, {manifest['energy']['assumption']})")
+    if manifest.get("model_dir"):
+        print(f"model: {manifest['model_dir']}  (load: spikellm.load_quantized(path))")
     print(f"results: {path}\n", flush=True)
 
 

@@ -42,7 +42,7 @@ def records(path: str | Path):
 
 
 def read_run(path: str | Path) -> dict:
-    """-> {"config", "history", "summary", "run": {group, job_type, name}, "exit_code"}."""
+    """-> {"config", "history", "summary", "run": {group, job_type, name, tags}, "exit_code"}."""
     out = {"config": {}, "history": [], "summary": {}, "run": {}, "exit_code": None}
     for r in records(path):
         kind = r.WhichOneof("record_type")
@@ -57,7 +57,7 @@ def read_run(path: str | Path) -> dict:
                 out["config"][i.key] = json.loads(i.value_json)
         elif kind == "run":
             out["run"] = {"group": r.run.run_group, "job_type": r.run.job_type,
-                          "name": r.run.display_name}
+                          "name": r.run.display_name, "tags": list(r.run.tags)}
             out["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
         elif kind == "exit":
             out["exit_code"] = r.exit.exit_code

@@ -1,11 +1,13 @@
-"""Zero-shot accuracy through lm-eval on the in-memory (quantized) model.
+"""Zero-shot (and few-shot) accuracy through lm-eval on the in-memory (quantized) model.
 
 The six tasks of the paper (method.md §6): piqa, arc_easy, arc_challenge, boolq, hellaswag,
 winogrande, 0-shot, `acc` (and `acc_norm` where lm-eval reports it). With `data_dir=None` lm-eval
 loads its own hub datasets; with a data directory (the layout of `../shared/data`) each task's
 local files are converted once into the hub dataset's schema (jsonl under `cache_dir`) and
-lm-eval's registered task runs on them unchanged (same prompt, same choices, same metric). A task
-whose local files are missing is skipped with a one-line warning.
+lm-eval's registered task runs on them unchanged (same prompt, same choices, same metric). Any
+other task lm-eval knows runs from the hub (online; preflight refuses it offline in one line,
+`check_tasks`). A local task whose files are missing is skipped with a one-line warning here
+(the pipeline's preflight refuses it before any work).
 
 HellaSwag's local copy is a cleaned text rendering (query, gold, four endings), not the hub
 jsonl: its documents enter with lm-eval's processed fields directly, so its prompt can differ
@@ -101,14 +103,15 @@ TASK_FILES = {
 
 
 def local_task_specs(tasks: Iterable[str], data_dir: str | Path, cache_dir: str | Path,
-                     warn: Callable[[str], None]) -> list[dict]:
-    """lm-eval task dicts reading the converted local files; missing tasks are warned and dropped."""
+                     warn: Callable[[str], None]) -> list:
+    """lm-eval task dicts reading the converted local files for the paper's tasks (missing files:
+    warned and dropped), the names of the others (lm-eval loads them from the hub)."""
     d, cache = Path(data_dir).expanduser(), Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     specs = []
     for task in tasks:
-        if task not in LOCAL:
-            warn(f"zero-shot task {task!r} has no local loader (known: {', '.join(LOCAL)}); skipped")
+        if task not in LOCAL:          # lm-eval's own task, from the hub
+            specs.append(task)
             continue
         loader, split, extra = LOCAL[task]
         try:
@@ -175,10 +178,11 @@ def _note(msg: str) -> None:
 def run_tasks(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | None,
               cache_dir: str | Path, batch_size: int = 8, limit: int | float | None = None,
               device: str = "cpu", warn: Callable[[str], None] | None = None,
-              log_samples: bool = False) -> dict | None:
-    """lm-eval's `simple_evaluate` result for `model` on `tasks`, 0-shot (None when no task has
-    data); with `log_samples` it holds res["samples"][task]: per document, its requests'
-    responses (`resps`: [[(loglikelihood, is_greedy)], ...] for multiple choice)."""
+              log_samples: bool = False, num_fewshot: int = 0) -> dict | None:
+    """lm-eval's `simple_evaluate` result for `model` on `tasks` with `num_fewshot` in-context
+    examples (None when no task has data); with `log_samples` it holds res["samples"][task]: per
+    document, its requests' responses (`resps`: [[(loglikelihood, is_greedy)], ...] for multiple
+    choice). Standard errors are lm-eval's (analytic for means such as acc)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -192,29 +196,29 @@ def run_tasks(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | Non
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device,
               batch_size=scoring_batch_size(model, batch_size, _note))
     tm = _task_manager()
-    return lm_eval.simple_evaluate(model=lm, tasks=_build(specs, tm), num_fewshot=0, limit=limit,
-                                   log_samples=log_samples, bootstrap_iters=0, verbosity="WARNING",
-                                   task_manager=tm)
+    return lm_eval.simple_evaluate(model=lm, tasks=_build(specs, tm), num_fewshot=num_fewshot, limit=limit,
+                                   log_samples=log_samples, bootstrap_iters=1000, verbosity="WARNING",
+                                   task_manager=tm, random_seed=0, numpy_random_seed=0,
+                                   torch_random_seed=0, fewshot_random_seed=0)
 
 
-def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | None,
-              cache_dir: str | Path, batch_size: int = 8, limit: int | float | None = None,
-              device: str = "cpu", warn: Callable[[str], None] | None = None) -> dict:
-    """Score `model` (the nn.Module as it is: quantized forwards included) on `tasks`, 0-shot.
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) else None
 
-    Returns {"acc/<task>": float, "acc_norm/<task>": float (where reported), "acc/avg": mean of
-    the tasks' acc, "n/<task>": documents scored}. `limit` caps documents per task (int) or a
-    fraction (float < 1). The scores do not depend on `batch_size` (module docstring)."""
-    tasks = list(tasks)
-    res = run_tasks(model, tokenizer, tasks, data_dir, cache_dir, batch_size, limit, device, warn)
-    if res is None:
-        return {}
+
+def task_metrics(res: dict, tasks: list[str]) -> dict:
+    """Our metric names from lm-eval's results: `<metric>/<task>` for every numeric metric of
+    the default filter (acc, acc_norm, exact_match, word_perplexity, ...; `<metric>/<task>/<filter>`
+    for other filters), `<metric>_stderr/<task>` beside it, `n/<task>` documents scored, and
+    `acc/avg` the mean acc of the tasks that report one."""
     out: dict = {}
     for task, r in res["results"].items():
-        for metric in ("acc", "acc_norm"):
-            v = r.get(f"{metric},none")
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                out[f"{metric}/{task}"] = float(v)
+        for name, v in r.items():
+            if "," not in name or _number(v) is None:
+                continue
+            metric, filt = name.split(",", 1)
+            suffix = "" if filt == "none" else f"/{filt}"
+            out[f"{metric}/{task}{suffix}"] = _number(v)
         n = res.get("n-samples", {}).get(task, {})
         if n:
             out[f"n/{task}"] = int(n.get("effective", n.get("original", 0)))
@@ -222,3 +226,63 @@ def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | Non
     if accs:
         out["acc/avg"] = sum(accs) / len(accs)
     return out
+
+
+def zero_shot(model, tokenizer, tasks: Iterable[str], data_dir: str | Path | None,
+              cache_dir: str | Path, batch_size: int = 8, limit: int | float | None = None,
+              device: str = "cpu", warn: Callable[[str], None] | None = None,
+              num_fewshot: int = 0, results_file: str | Path | None = None) -> dict:
+    """Score `model` (the nn.Module as it is: quantized forwards included) on `tasks`.
+
+    Returns `task_metrics` ({"acc/<task>", "acc_norm/<task>", "acc_stderr/<task>", ...,
+    "acc/avg", "n/<task>"}). `limit` caps documents per task (int) or a fraction (float < 1).
+    With `results_file`, lm-eval's own results JSON (results, configs, versions, n-samples) is
+    written there. The scores do not depend on `batch_size` (module docstring)."""
+    tasks = list(tasks)
+    res = run_tasks(model, tokenizer, tasks, data_dir, cache_dir, batch_size, limit, device, warn,
+                    num_fewshot=num_fewshot)
+    if res is None:
+        return {}
+    if results_file is not None:
+        keep = {k: res[k] for k in ("results", "groups", "group_subtasks", "configs", "versions",
+                                    "n-shot", "higher_is_better", "n-samples", "config") if k in res}
+        Path(results_file).write_text(json.dumps(keep, indent=1, default=str))
+    return task_metrics(res, tasks)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """The HuggingFace hub can be reached (not HF_HUB_OFFLINE/HF_DATASETS_OFFLINE, and a TCP
+    connection to huggingface.co:443 opens)."""
+    import os
+    import socket
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_tasks(tasks: Iterable[str], data_dir: str | Path | None) -> None:
+    """Raise ValueError (one line, naming the fix) for a task that cannot be scored: one lm-eval
+    does not know, a local task whose files are missing, or a hub task while offline."""
+    hub = []
+    for task in tasks:
+        if task in LOCAL and data_dir:
+            missing = [f for f in TASK_FILES[task] if not (Path(data_dir).expanduser() / f).exists()]
+            if missing:
+                raise ValueError(f"eval.tasks: {task}'s local file {missing[0]} is missing in {data_dir}: "
+                                 f"add it, or drop {task} from eval.tasks")
+        else:
+            hub.append(task)
+    if not hub:
+        return
+    known = set(_task_manager().all_tasks)
+    unknown = [t for t in hub if t not in known]
+    if unknown:
+        raise ValueError(f"eval.tasks: lm-eval has no task {unknown[0]!r} "
+                         f"(list them with `lm_eval --tasks list`)")
+    if not hub_reachable():
+        raise ValueError(f"eval.tasks: {hub[0]} has no local files here and the HuggingFace hub is not "
+                         f"reachable (offline): local files exist for {', '.join(LOCAL)}")

@@ -16,6 +16,7 @@ from spikellm.config import (GIFSpiking, GPTQConfig, NoSpiking, OmniQuantConfig,
 from spikellm.data import CalibSpec, calibration_set, evaluation_set
 from spikellm.embedded import embedded_checkpoint
 from spikellm.evaluate import perplexity, streamed_perplexities, streamed_perplexity
+from spikellm.export import load_quantized, save_quantized
 from spikellm.models import load_model
 from spikellm.quantize import QuantReport, fp_saliency_diagonals, quantize  # noqa: F811 (the function wins)
 
@@ -23,5 +24,5 @@ __all__ = sorted([
     "quantize", "QuantReport", "fp_saliency_diagonals", "perplexity", "streamed_perplexity", "streamed_perplexities",
     "GPTQConfig", "RTNConfig", "PBLLMConfig", "OmniQuantConfig", "NoSpiking", "TernarySpiking",
     "GIFSpiking", "QuantConfig", "SpikingConfig", "load_model", "embedded_checkpoint",
-    "CalibSpec", "calibration_set", "evaluation_set",
+    "CalibSpec", "calibration_set", "evaluation_set", "save_quantized", "load_quantized",
 ])

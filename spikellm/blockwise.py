@@ -367,8 +367,8 @@ def load_block_checkpoint(ckpt: Path | None, blocks: nn.ModuleList,
 
 def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method: BlockMethod,
                   device="cpu", batch_size: int = 8, progress: bool = True,
-                  checkpoint_dir: str | os.PathLike | None = None, log=None, stream=None
-                  ) -> EngineResult:
+                  checkpoint_dir: str | os.PathLike | None = None, log=None, stream=None,
+                  on_block=None) -> EngineResult:
     """Run `method` over every block of `model` on calibration ids [N, seqlen].
 
     Captures block-0 inputs (unless the method needs none), then per block: onload (with
@@ -379,7 +379,11 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method:
 
     With `checkpoint_dir`, every finished block is committed there (its weights, the next
     block's streams, the stats, costs and extras so far), and a later call with the same directory
-    resumes after the last committed block with the same result as an uninterrupted run."""
+    resumes after the last committed block with the same result as an uninterrupted run.
+
+    `on_block(row)` is called after each finished block with {"index", "loss" (the block's summed
+    reconstruction/training loss), "seconds" (this block), "elapsed_s", "peak_mem_gb" (GiB: GPU
+    peak on CUDA, else the process's peak RSS)}: live logging of long runs."""
     from tqdm.auto import tqdm
 
     t_start = time.time()
@@ -400,6 +404,7 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method:
                file=sys.stderr, dynamic_ncols=True, initial=start, total=len(blocks))
     method.status = lambda msg: bar.set_postfix_str(f"{msg}, elapsed {time.time() - t_start:.0f}s")
     for i in bar:
+        t_block = time.time()
         block = blocks[i] if stream is None else stream.materialize(i, blocks[i])
         res = method.process(i, block, streams)
         stats.extend(res.rows)
@@ -416,6 +421,10 @@ def run_blockwise(model: nn.Module, spec: FamilySpec, ids: torch.Tensor, method:
                                   res.extra, costs)
         bar.set_postfix(loss=f"{sum(r.loss for r in res.rows):.3g}",
                         elapsed=f"{time.time() - t_start:.0f}s")
+        if on_block is not None:
+            on_block({"index": i, "loss": float(sum(r.loss for r in res.rows)),
+                      "seconds": time.time() - t_block, "elapsed_s": time.time() - t_start,
+                      "peak_mem_gb": peak_memory_gb(device)})
     method.finalize(model, spec)
     return EngineResult(stats=stats, costs=costs, extras=extras, seconds=time.time() - t_start,
                         outputs={n: x.hidden for n, x in streams.items()})

@@ -12,13 +12,17 @@ from torch import nn
 from .models import block_linears, blocks_of, family_of
 
 
-def llama_config(arch: dict, model_type: str = "llama", **extra):
-    """A transformers config of `model_type` (default LLaMA) from {layers, hidden, intermediate,
-    heads, kv_heads, vocab}."""
+def arch_config(arch: dict, model_type: str = "llama", **extra):
+    """A transformers config of `model_type` (any family transformers knows; default LLaMA) from
+    {layers, hidden, intermediate, heads, kv_heads, vocab}."""
     from transformers import AutoConfig
     return AutoConfig.for_model(model_type, hidden_size=arch["hidden"], intermediate_size=arch["intermediate"],
                                 num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
                                 num_key_value_heads=arch["kv_heads"], vocab_size=arch["vocab"], **extra)
+
+
+#: the name it had when every planned model was a LLaMA (kept: bench scripts and notebooks use it)
+llama_config = arch_config
 
 
 def meta_model(config) -> nn.Module:

@@ -159,7 +159,7 @@ class GPTQFamily(BlockMethod):
 def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | None = None,
              spiking: SpikingMode | None = None, batch_size: int = 8, device="cpu",
              progress: bool = True, log=print, saliency_diags: dict | None = None,
-             checkpoint_dir=None, stream=None, **method_kwargs) -> QuantReport:
+             checkpoint_dir=None, stream=None, on_block=None, **method_kwargs) -> QuantReport:
     """Quantize all decoder-block linears of `model` in place with the method `config` is the
     config of (`GPTQConfig`, `RTNConfig`, `PBLLMConfig`, `OmniQuantConfig`: the registry
     `spikellm.methods.METHODS`), spiking as `spiking` says (`TernarySpiking`, `GIFSpiking`;
@@ -169,7 +169,8 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | N
     diag(chol(H⁻¹)) [C_in], see `fp_saliency_diagonals`) scores spiking saliency on fixed
     Hessians instead of the sequential ones (GPTQ family). `checkpoint_dir` commits every
     finished block and resumes after the last committed one (preemption, kills); `stream` (a
-    `streaming.BlockStream`) keeps one block in memory at a time. `method_kwargs` go to the
+    `streaming.BlockStream`) keeps one block in memory at a time; `on_block(row)` is called after
+    each block (`blockwise.run_blockwise`: index, loss, seconds, memory). `method_kwargs` go to the
     method (e.g. OmniQuant's `act_absmax`). Returns per-module stats, the cost of the result
     (equal steps, ACE relative to FP16 and to the one-step baseline, additive share, storage
     bits) and what the method learned (`params`)."""
@@ -183,7 +184,8 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | N
         method_kwargs["saliency_diags"] = saliency_diags
     method = make_method(q, s, spec, batch_size=batch_size, device=device, log=log, **method_kwargs)
     res = run_blockwise(model, spec, calib_ids, method, device=device, batch_size=batch_size,
-                        progress=progress, checkpoint_dir=checkpoint_dir, log=log, stream=stream)
+                        progress=progress, checkpoint_dir=checkpoint_dir, log=log, stream=stream,
+                        on_block=on_block)
     total = total_cost(res.costs)
     base = sum(method.baseline_ace(c) for c in res.costs)
     total["ace_rel_baseline"] = total["ace"] / base if base else 0.0

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import compose_config, group_options
 from pipelines.dryrun import dry_run, plan_sweep
-from spikellm.footprint import footprint, llama_config, meta_model
+from spikellm.footprint import arch_config, footprint, meta_model
 
 
 @pytest.mark.parametrize("quant", ["gptq", "omniquant"])
@@ -26,7 +26,7 @@ def test_dry_run_of_every_model_config_fits_its_requested_resources(model, quant
 
 
 def test_llama2_70b_shapes_from_meta_tensors():
-    fp = footprint(meta_model(llama_config(dict(layers=80, hidden=8192, intermediate=28672, heads=64,
+    fp = footprint(meta_model(arch_config(dict(layers=80, hidden=8192, intermediate=28672, heads=64,
                                                 kv_heads=8, vocab=32000))))
     assert fp.n_blocks == 80 and fp.block_params == 2 * 8192 ** 2 + 2 * 1024 * 8192 + 3 * 8192 * 28672 + 2 * 8192
     assert round(fp.params / 1e9, 2) == 68.98           # LLaMA-2-70B

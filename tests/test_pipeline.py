@@ -13,6 +13,31 @@ REDUCED = ["calib.nsamples=4", "calib.seqlen=128", "eval.seqlen=128", "eval.max_
            "progress=false", "launcher=local"]
 
 
+def _reloaded_ppl(model_dir: Path, plain: bool) -> float:
+    """WikiText-2 perplexity of an exported checkpoint on REDUCED's windows (2 x 128, test),
+    loaded by plain transformers or by `spikellm.load_quantized`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spikellm import evaluation_set, perplexity
+    from spikellm.export import load_quantized
+    if plain:
+        model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    else:
+        lm = load_quantized(model_dir)
+        model, tok = lm.model, lm.tokenizer
+    windows = evaluation_set(tok, "wikitext2", 128, 2, split="test", data_dir=str(data_dir()))
+    return perplexity(model, windows, batch_size=4)
+
+
+def _point_runs(runs: list[dict]) -> dict:
+    """quant.wbits -> the W&B point run of that sweep point."""
+    return {r["config"]["quant.wbits"]: r for r in runs if r["run"]["job_type"] == "point"}
+
+
+def _manifest(p) -> dict:
+    return json.loads(Path(p.stdout.strip().splitlines()[-1].split("results: ")[-1]).read_text())
+
+
 def _run(args, tmp_path, env_extra=None):
     env = dict(os.environ, SPIKELLM_DATA_DIR=str(data_dir()), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "pipelines.run", f"paths.outputs={tmp_path}", *args],
@@ -28,6 +53,34 @@ def test_bad_override_exits_nonzero_with_one_line(override, key, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and lines[0].startswith("error:")
     assert not any(tmp_path.iterdir())                      # nothing started
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["~calib.seed"], "deleting a key is not supported"),
+    (["~logger"], "set logger=none"),
+    (["-m", "quant.wbits=interval(2,4)"], "interval() needs a sampling sweeper"),
+    (["hydra/launcher=submitit_slurm"], "use launcher=slurm"),
+    (["hydra.launcher.partition=gpu"], "launcher.partition="),
+    (["hydra.job.chdir=true"], "results go under paths.outputs"),
+    (["-m", "hydra.run.dir=/tmp/x", "quant.wbits=3,4"], "with -m set hydra.sweep.dir"),
+    (["hydra.sweep.dir=/tmp/x"], "for a single run set hydra.run.dir"),
+])
+def test_hydra_habits_not_honoured_are_one_line_errors(args, needle, tmp_path):
+    """Accepted-and-ignored was the bug: each of these is refused before any work."""
+    p = _run(args, tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert not any(tmp_path.iterdir())
+
+
+def test_launcher_slurm_without_a_controller_is_one_line_error(tmp_path):
+    # a SLURM_CONF that names no file: squeue cannot reach a controller (as on a laptop)
+    p = _run(REDUCED[:-1] + ["launcher=slurm"], tmp_path, {"SLURM_CONF": str(tmp_path / "none.conf")})
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "launcher=slurm but no SLURM controller answers (squeue " in lines[0]
+    assert "launcher=local" in lines[0]
 
 
 def test_missing_data_dir_is_one_line_error(tmp_path):
@@ -73,34 +126,78 @@ def test_default_pipeline_end_to_end_reduced(tmp_path):
     # every stage is a committed artifact, logged as one offline W&B run
     for stage in ("calibrate", "evaluate_fp", "quantize", "evaluate"):
         assert len([p for p in (tmp_path / "cache" / stage).iterdir() if not p.name.startswith(".")]) == 1
+    # save_model=true on the cached run: only the export stage runs, the checkpoint lands in the
+    # new run's directory, and loading it (weight-only: plain transformers too) reproduces the
+    # reported perplexity
+    p = _run(REDUCED + ["eval.tasks=[winogrande,boolq]", "eval.limit=6", "save_model=true"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m2 = _manifest(p)
+    assert m2["metrics"]["ppl/wikitext2"] == metrics["ppl/wikitext2"] and m2["metrics"]["export/gb"] > 0.1
+    model_dir = Path(m2["model_dir"])
+    assert model_dir.parent != manifest_path.parent and (model_dir.parent / "manifest.json").exists()
+    for plain in (True, False):
+        assert _reloaded_ppl(model_dir, plain) == pytest.approx(metrics["ppl/wikitext2"], rel=1e-6)
 
 
 def test_sweep_runs_shared_stages_once_logs_wandb_and_reruns_nothing(tmp_path):
     from pipelines.wandb_offline import find_runs, read_run
     # RTN keeps this fast; the shared-score path is covered by test_dag and test_slurm
     sweep = REDUCED + ["-m", "quant=rtn", "spiking=none", "quant.wbits=3,4"]
-    p = _run(sweep, tmp_path)
+    # Hydra's hydra.sweep.dir is the sweep record, point n's run directory <dir>/<n>
+    sweep_dir = tmp_path / "my_sweep"
+    p = _run(sweep + [f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    sweep_dir = sorted((tmp_path / "sweeps").glob("*/*"))[-1]
+    assert (sweep_dir / "plan.json").exists() and not list((tmp_path / "sweeps").glob("*/*/plan.json"))
+    runs_here = {json.loads((sweep_dir / str(n) / "manifest.json").read_text())["config"]["quant"]["wbits"]
+                 for n in (0, 1)}
+    assert runs_here == {3, 4} and not list((tmp_path / "runs").glob("*/*/manifest.json"))
+    assert all("hydra" not in json.loads((sweep_dir / str(n) / "manifest.json").read_text())["name"]
+               for n in (0, 1))
+    again = _run(sweep + [f"hydra.sweep.dir={sweep_dir}"], tmp_path)   # never mixed with a new sweep
+    assert again.returncode == 2 and "already holds a sweep record" in again.stderr
     states = [json.loads(f.read_text()) for f in (sweep_dir / "state").glob("*.json")]
     executed = sorted(s["stage"] for s in states if s["state"] == "done")
     assert executed == ["calibrate", "evaluate", "evaluate", "evaluate_fp", "quantize", "quantize"]
     runs = [read_run(f) for f in find_runs(sweep_dir / "wandb")]
-    assert sorted(r["run"]["job_type"] for r in runs) == executed
-    assert {r["run"]["group"] for r in runs} == {sweep_dir.name}
+    stage_runs = [r for r in runs if r["run"]["job_type"] != "point"]
+    assert sorted(r["run"]["job_type"] for r in stage_runs) == executed
+    date = json.loads((sweep_dir / "plan.json").read_text())["created"][:10]
+    assert {r["run"]["group"] for r in runs} == {f"sweep-{date}-{sweep_dir.name}"}
     ev = [r for r in runs if r["run"]["job_type"] == "evaluate"]
     assert all(r["summary"]["ppl/wikitext2"] > 1 for r in ev)
     assert {r["config"]["quant"]["wbits"] for r in ev} == {3, 4}
     assert all(r["exit_code"] == 0 for r in runs)
+    # stage runs are named by what they serve: the swept value, or "shared by" for shared ones
+    names = sorted(r["run"]["name"] for r in stage_runs)
+    assert names == ["calibrate (shared by 2 points)", "evaluate quant.wbits=3", "evaluate quant.wbits=4",
+                     "evaluate_fp (shared by 2 points)", "quantize quant.wbits=3", "quantize quant.wbits=4"]
+    assert all(set(r["run"]["tags"]) == {"smollm2_135m", "rtn", "none"} for r in runs)
+    # one run per point with its whole result: ppl, the FP baseline and cost together, the
+    # swept key as a top-level config column
+    pts = _point_runs(runs)
+    assert sorted(pts) == [3, 4]
+    for w, r in pts.items():
+        assert r["run"]["name"] == f"quant.wbits={w}"
+        m = json.loads((sweep_dir / str([3, 4].index(w)) / "manifest.json").read_text())["metrics"]
+        for k in ("ppl/wikitext2", "ppl/fp/wikitext2", "cost/ace", "cost/storage_bits", "cost/energy_rel_fp16"):
+            assert r["summary"][k] == m[k]
     assert "sweep:" in p.stdout
-    # the same sweep again: every stage cached, nothing executed, no W&B run
-    p2 = _run(sweep, tmp_path)
+    # the same sweep again: every stage cached, nothing executed, no W&B run; launcher=auto
+    # says where it runs (a SLURM_CONF naming no file: no controller answers)
+    p2 = _run([a for a in sweep if a != "launcher=local"] + ["launcher=auto"], tmp_path,
+              {"SLURM_CONF": str(tmp_path / "none.conf")})
     assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "launcher=auto chose local, in this process: no SLURM (squeue " in p2.stderr
     sweep2 = sorted((tmp_path / "sweeps").glob("*/*"))[-1]
     assert sweep2 != sweep_dir
     states2 = [json.loads(f.read_text())["state"] for f in (sweep2 / "state").glob("*.json")]
     assert set(states2) == {"cached"} and len(states2) == 6
-    assert not find_runs(sweep2)
+    # no stage run (nothing executed), but the point runs carry the cached results
+    runs2 = [read_run(f) for f in find_runs(sweep2)]
+    assert all(r["run"]["job_type"] == "point" for r in runs2)
+    pts2 = _point_runs(runs2)
+    assert sorted(pts2) == [3, 4]
+    assert all(pts2[w]["summary"]["ppl/wikitext2"] == pts[w]["summary"]["ppl/wikitext2"] for w in (3, 4))
     st = subprocess.run([sys.executable, "-m", "pipelines.status", str(sweep2)], cwd=ROOT,
                         capture_output=True, text=True)
     assert st.returncode == 0 and "total: 6 cached" in st.stdout
@@ -140,6 +237,22 @@ def test_omniquant_spiking_w4a4_end_to_end_with_baseline_in_one_sweep(tmp_path):
     assert streamed[False]["ppl/wikitext2"] == by_mode["gif"]["ppl/wikitext2"]
     assert streamed[True]["ppl/wikitext2"] == pytest.approx(by_mode["gif"]["ppl/wikitext2"], rel=1e-6)
     assert streamed[True]["cost/ace"] == by_mode["gif"]["cost/ace"]
+    # save_model=true, whole and streamed quantize (both cached: only the export runs): the
+    # checkpoint in the run directory reloads through spikellm.load_quantized to the reported
+    # perplexity, and a plain transformers load (which would drop the activation and KV
+    # quantizers) fails loudly instead of computing another model
+    from transformers import AutoModelForCausalLM
+    for extra in ([f"hydra.run.dir={tmp_path / 'w4a4_run'}"], ["model.stream=true"]):
+        p = _run([a for a in args if a not in ("spiking=none,t2", "-m")] + ["spiking=t2", "save_model=true", *extra],
+                 tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        m = _manifest(p)
+        if "model.stream=true" not in extra:          # Hydra's hydra.run.dir is the run directory
+            assert Path(m["model_dir"]) == tmp_path / "w4a4_run" / "model"
+        assert _reloaded_ppl(Path(m["model_dir"]), plain=False) == pytest.approx(
+            by_mode["gif"]["ppl/wikitext2"], rel=1e-6)
+        with pytest.raises(ValueError, match="spikellm"):
+            AutoModelForCausalLM.from_pretrained(m["model_dir"])
 
 
 #: recipes that name a 7B-70B checkpoint and splits that exist only on a cluster (WikiText-2

@@ -108,3 +108,32 @@ def test_only_per_channel_k_forces_batch_one():
         assert has_non_causal_kv(model) == (axis == "channel")
         assert scoring_batch_size(model, 8, notes.append) == expect
     assert len(notes) == 1 and "quant.k_axis=channel" in notes[0] and "\n" not in notes[0]
+
+
+def test_few_shot_reports_standard_errors_and_saves_lm_evals_results(fresh_smollm, data_root, tmp_path):
+    """eval.num_fewshot reaches lm-eval; acc_stderr/<task> is lm-eval's analytic standard error
+    sqrt(acc (1 - acc) / (n - 1)); lm-eval's own results JSON is written."""
+    import json
+    import math
+    lm = fresh_smollm
+    out = zero_shot(lm.model, lm.tokenizer, ["piqa"], data_dir=data_root, cache_dir=tmp_path,
+                    batch_size=8, limit=6, num_fewshot=1, results_file=tmp_path / "res.json")
+    acc, n = out["acc/piqa"], out["n/piqa"]
+    assert n == 6 and out["acc_stderr/piqa"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)))
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert saved["n-shot"]["piqa"] == 1 and saved["results"]["piqa"]["acc,none"] == acc
+    zero = zero_shot(lm.model, lm.tokenizer, ["piqa"], data_dir=data_root, cache_dir=tmp_path,
+                     batch_size=8, limit=6)
+    assert zero["n/piqa"] == 6          # (0-shot and 1-shot prompts differ; both are scored)
+
+
+def test_tasks_that_cannot_be_scored_are_refused_in_one_line(data_root, tmp_path, monkeypatch):
+    from pipelines.zeroshot import check_tasks
+    check_tasks(["piqa", "boolq"], data_root)                     # local: fine offline
+    with pytest.raises(ValueError, match="lm-eval has no task 'no_such_task'"):
+        check_tasks(["no_such_task"], data_root)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")               # as on this machine
+    with pytest.raises(ValueError, match="lambada_openai has no local files here and the HuggingFace hub"):
+        check_tasks(["piqa", "lambada_openai"], data_root)
+    with pytest.raises(ValueError, match="boolq's local file boolq/val.jsonl is missing"):
+        check_tasks(["boolq"], tmp_path)

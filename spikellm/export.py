@@ -1,0 +1,180 @@
+"""Faithful export: a quantized model as a checkpoint directory that loads back to the model
+whose perplexity was reported.
+
+Layout (transformers' own): `config.json`, `model*.safetensors` (every tensor of the quantized
+model: the quantized weights, dense in the model dtype, and the method's runtime tensors such as
+activation-quantizer ranges, K/V ranges and salient masks), the tokenizer files, and in
+`config.json` a `quantization_config`::
+
+    {"quant_method": "spikellm", "format": 1, "quant": {...}, "spiking": {...},
+     "runtime_tensors": 420, "base_model_type": "llama"}
+
+`quant` and `spiking` hold every field of the typed configs (`spikellm.config`), so
+`load_quantized` rebuilds the very method that produced the tensors.
+
+What a plain `AutoModelForCausalLM.from_pretrained(path)` does:
+- weight-only methods (RTN, GPTQ, PB-LLM, ternary spiking weights: the quantized weights are dense
+  tensors the base architecture reads, `runtime_tensors` 0) keep the base `model_type`; a plain
+  load gives the same model (transformers notes that it does not know quant_method "spikellm").
+- methods with runtime modules (OmniQuant/SpikeLLM: activation, weight and K/V quantizers) would
+  load as weights only and compute another model without saying so, so their `model_type` is
+  `spikellm`: a plain load fails with transformers' unknown-model-type error, and
+  `load_quantized` loads them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+
+from torch import nn
+
+QUANT_METHOD = "spikellm"
+#: config.json's model_type of an export whose model needs runtime modules (loads only here)
+MODEL_TYPE = "spikellm"
+FORMAT = 1
+
+
+def _fields(cfg) -> dict:
+    """Every field of a typed method/spiking config, enums as their values (JSON-ready)."""
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(cfg).items()}
+
+
+def _tensor_names(directory: Path) -> set[str]:
+    from .streaming import ShardReader
+    reader = ShardReader(directory)
+    try:
+        return set(reader.where)
+    finally:
+        reader.close()
+
+
+def _tensor_names_of(config, q=None, s=None) -> set[str]:
+    """The tensor names of the plain architecture of `config` (built on meta, no memory), or,
+    with `q`/`s`, of that architecture with the method's runtime modules restored."""
+    from .footprint import meta_model
+    from .methods import make_method
+    from .models import family_of
+    model = meta_model(config)
+    if q is not None:
+        make_method(q, s, family_of(model)).restore_for_inference(model)
+    return set(model.state_dict())
+
+
+def mark_quantized(directory: str | os.PathLike, q, s) -> dict:
+    """Write the `quantization_config` of method `q` / spiking mode `s` into the config.json of
+    a saved checkpoint `directory` (its shards as written from the quantized model); with
+    runtime tensors (tensors the plain architecture lacks) its model_type becomes `spikellm`.
+    Returns the quantization_config."""
+    from transformers import AutoConfig
+    directory = Path(directory)
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    if raw.get("model_type") == MODEL_TYPE:
+        raise ValueError(f"{directory} is already a spikellm export")
+    config = AutoConfig.from_pretrained(directory)
+    base = _tensor_names_of(config)
+    saved = _tensor_names(directory)
+    runtime = sorted(saved - base)
+    expected = _tensor_names_of(config, q, s) - base
+    if set(runtime) != expected:
+        odd = sorted(set(runtime) ^ expected)
+        raise ValueError(f"the tensors in {directory} are not those of quant={q.method} spiking={s.mode} "
+                         f"(e.g. {odd[0]}): pass the configs the model was quantized with")
+    qc = {"quant_method": QUANT_METHOD, "format": FORMAT, "quant": _fields(q), "spiking": _fields(s),
+          "runtime_tensors": len(runtime), "base_model_type": raw["model_type"]}
+    raw["quantization_config"] = qc
+    if runtime:
+        raw["model_type"] = MODEL_TYPE
+        raw["_load_with"] = "import spikellm; spikellm.load_quantized(path)  (transformers alone " \
+                            "would drop the activation/KV quantizers)"
+    tmp = path.with_name(path.name + ".tmp")      # a new file: never writes through a hard link
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return qc
+
+
+def save_quantized(model: nn.Module, tokenizer, q, s, directory: str | os.PathLike,
+                   max_shard_size: str = "5GB") -> dict:
+    """Save a model quantized by `spikellm.quantize(model, ..., q, s)` (or restored for inference
+    from such a run) as a faithful checkpoint in `directory`. Returns its quantization_config."""
+    directory = Path(directory)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return mark_quantized(directory, q, s)
+
+
+def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Every file of checkpoint directory `src` into a new directory `dst`: the tensor files
+    (*.safetensors) as hard links where the filesystem allows (no second copy of the weights),
+    else copies; the small files (config, tokenizer) always as copies."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=False)
+    for f in sorted(src.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".safetensors":
+            try:
+                os.link(f, dst / f.name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(f, dst / f.name)
+
+
+def quantization_config(directory: str | os.PathLike) -> dict | None:
+    """The spikellm quantization_config of an exported checkpoint, or None for any other."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no config.json: not a checkpoint directory")
+    qc = json.loads(path.read_text()).get("quantization_config") or {}
+    return qc if qc.get("quant_method") == QUANT_METHOD else None
+
+
+def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+    """Load an exported checkpoint (`save_quantized`, or `save_model=true` of the pipeline) with
+    its method's runtime modules and their tensors restored -> `models.LoadedModel` that computes
+    what the quantized model computed (tokenizer None where none was saved)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .config import QuantConfig, SpikingConfig
+    from .methods import restore_quantized
+    from .models import _DTYPES, LoadedModel, family_of
+
+    directory = Path(directory)
+    qc = quantization_config(directory)
+    if qc is None:
+        raise ValueError(f"{directory} is not a spikellm export (no quantization_config with "
+                         f"quant_method {QUANT_METHOD!r}): load it with spikellm.load_model")
+    if qc.get("format") != FORMAT:
+        raise ValueError(f"{directory} is spikellm export format {qc.get('format')}; this version "
+                         f"reads format {FORMAT}: re-export it with save_model=true")
+    quant, spiking = dict(qc["quant"]), dict(qc["spiking"])
+    q = QuantConfig(quant.pop("method"), **quant)
+    s = SpikingConfig(spiking.pop("mode"), **spiking)
+    raw = json.loads((directory / "config.json").read_text())
+    raw.pop("quantization_config")
+    raw.pop("_load_with", None)
+    raw["model_type"] = qc["base_model_type"]
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=_DTYPES[dtype],
+                                                 attn_implementation="sdpa")
+    model.eval()
+    spec = family_of(model)
+    restore_quantized(model, spec, q, s, directory)
+    model.to(device)
+    has_tokenizer = (directory / "tokenizer_config.json").exists()
+    return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(directory) if has_tokenizer else None,
+                       source=str(directory), spec=spec)
+
+
+def checkpoint_bytes(directory: str | os.PathLike) -> int:
+    """Bytes on disk of a checkpoint's tensor files (*.safetensors)."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
