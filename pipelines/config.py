@@ -271,6 +271,23 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return merged
 
 
+def _as_dict(point: list[str]) -> dict[str, str]:
+    return {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in point if "=" in o)}
+
+
+def varying_keys(points: list[list[str]]) -> list[str]:
+    """The override keys whose value differs between a sweep's points (first-seen order)."""
+    dicts = [_as_dict(p) for p in points]
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    return [k for k in keys if len({d.get(k) for d in dicts}) > 1]
+
+
+def point_values(point: list[str], keys: list[str]) -> dict[str, str]:
+    """The values `point` (a list of overrides) sets for `keys`."""
+    d = _as_dict(point)
+    return {k: d[k] for k in keys if k in d}
+
+
 def run_name(cfg: DictConfig) -> str:
     """A readable name: the group choices that differ from defaults, then the overrides."""
     if cfg.name:

@@ -157,6 +157,14 @@ def check_disk(node, root: Path) -> None:
                              f"larger filesystem")
 
 
+def _reset_gpu_peak(cfg) -> None:
+    """Per-stage GPU peaks: reset CUDA's peak counter when a stage starts (host RSS cannot be)."""
+    import torch
+    dev = resolve_device(cfg.device)
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
 def _tags(cfg) -> list[str]:
     """W&B tags of a run: the model, quant and spiking choices (and the recipe)."""
     ch = cfg.get("_choices") or {}
@@ -168,6 +176,7 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
     """Build one stage instance (under the store's lock), log it as one W&B run and record its
     state. Raises the stage's exception after recording it as failed."""
     t_start = time.time()
+    _reset_gpu_peak(node.cfg)
     set_state(sweep_dir, node, "running", started=_now(), pid=os.getpid(),
               host=socket.gethostname(), slurm_job=os.environ.get("SLURM_JOB_ID"))
     record = {"config": node.inputs, "upstream": {r: a.key for r, a in deps.items()},
@@ -206,8 +215,10 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
     if built:
         set_state(sweep_dir, node, "done", ended=_now(), path=str(art.path))
         from spikellm.blockwise import peak_memory_gb
-        say(f"stage {node.stage} {node.key} done: {time.time() - t_start:.1f}s, peak memory "
-            f"{peak_memory_gb(resolve_device(node.cfg.device)):.2f} GiB")
+        dev = resolve_device(node.cfg.device)
+        what = "GPU peak (this stage)" if dev.startswith("cuda") else "peak RSS (this process so far)"
+        say(f"stage {node.stage} {node.key} done: {time.time() - t_start:.1f}s, {what} "
+            f"{peak_memory_gb(dev):.2f} GiB")
     else:                    # another process built it while this one waited on the lock
         set_state(sweep_dir, node, "cached", ended=_now(), path=str(art.path),
                   reason="built by another process while this one waited")

@@ -1,5 +1,11 @@
-"""`python -m pipelines.report <sweep dir>`: the sweep table (markdown and HTML) and plots
-(perplexity against average steps, one series per selection) from the results store.
+"""`python -m pipelines.report <sweep dir>`: the sweep's table (markdown and HTML) and plots
+(matplotlib PNGs next to the HTML) from the results store.
+
+The plots fit the sweep: the x axis is the first numeric swept key (e.g. `spiking.ratio`), or,
+when every swept key is a choice (`spiking=none,t2,t4`, `quant=gptq,pbllm`: the sweep trades
+cost), the ACE relative to FP16; one series per value of the other swept keys; every point
+labelled with its swept values; perplexity on a log scale, one plot per `ppl/<dataset>`. The
+table shows the swept keys, not every override.
 
 Works from the sweep record alone (plan.json, stage states, artifact manifests), so it also
 reports a SLURM sweep that was submitted without waiting."""
@@ -7,17 +13,20 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import sys
 from pathlib import Path
 
+from .config import point_values, varying_keys
+
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per sweep point: its overrides, state and the metrics of its stages."""
+    """One row per sweep point: its overrides, swept values, state and its stages' metrics."""
     plan = json.loads((sweep_dir / "plan.json").read_text())
+    points = [p["overrides"] for p in plan["points"]]
+    keys = varying_keys(points) if len(points) > 1 else []
     rows = []
     for p in plan["points"]:
-        metrics, state, cfg = {}, "done", {}
+        metrics, state = {}, "done"
         for stage, node_id in p["nodes"].items():
             f = sweep_dir / "state" / (node_id.replace("/", "__") + ".json")
             st = json.loads(f.read_text()) if f.exists() else {"state": "queued"}
@@ -26,10 +35,8 @@ def collect(sweep_dir: Path) -> list[dict]:
                 continue
             man = json.loads((Path(st["path"]) / "manifest.json").read_text())
             metrics.update(man.get("metrics", {}))
-            if stage == "quantize":
-                cfg = man.get("config", {})
         rows.append({"overrides": " ".join(p["overrides"]) or "(defaults)", "state": state,
-                     "metrics": metrics, "spiking": cfg.get("spiking", {})})
+                     "swept": point_values(p["overrides"], keys), "metrics": metrics})
     return rows
 
 
@@ -39,11 +46,19 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def swept_keys(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r["swept"]))
+
+
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    keys = sorted({k for r in rows for k in r["metrics"] if not k.startswith("time/eval")},
-                  key=lambda k: (not k.startswith("ppl/"), k))
-    head = ["point", "state"] + keys
-    body = [[r["overrides"], r["state"]] + [_fmt(r["metrics"].get(k)) for k in keys] for r in rows]
+    """Columns: the swept keys (or the point's overrides when nothing varies), the state, then
+    perplexities first and every other metric except per-dataset timings."""
+    keys = swept_keys(rows)
+    metrics = sorted({k for r in rows for k in r["metrics"] if not k.startswith("time/eval")},
+                     key=lambda k: (not k.startswith("ppl/"), k))
+    head = (keys or ["point"]) + ["state"] + metrics
+    body = [([r["swept"].get(k, "") for k in keys] if keys else [r["overrides"]]) + [r["state"]]
+            + [_fmt(r["metrics"].get(k)) for k in metrics] for r in rows]
     return head, body
 
 
@@ -53,61 +68,89 @@ def markdown(head, body) -> str:
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(rows: list[dict], x_key="cost/avg_steps", y_key="ppl/wikitext2") -> str:
-    """Perplexity (log scale) against average steps, one series per spiking.select."""
-    pts = [(r["metrics"][x_key], r["metrics"][y_key], r["spiking"].get("select", "?"))
-           for r in rows if x_key in r["metrics"] and y_key in r["metrics"]]
-    if not pts:
-        return "<p>(no finished points to plot)</p>"
-    W, H, pad = 560, 360, 60
-    xs = [p[0] for p in pts]
-    ys = [math.log10(p[1]) for p in pts]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+def _number(v: str) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
-    def sx(v):
-        return pad + (v - x0) / (x1 - x0) * (W - 2 * pad)
 
-    def sy(v):
-        return H - pad - (v - y0) / (y1 - y0) * (H - 2 * pad)
+def plot_axes(rows: list[dict]) -> tuple[str, list[str]]:
+    """(x key, series keys): the first swept key whose values are all numbers (a config key,
+    x read from the swept value), else "cost/ace_rel_fp16" (x read from the metrics); the other
+    swept keys split the points into series."""
+    keys = swept_keys(rows)
+    numeric = [k for k in keys if all(_number(r["swept"].get(k)) is not None for r in rows if k in r["swept"])]
+    if numeric:
+        return numeric[0], [k for k in keys if k != numeric[0]]
+    return "cost/ace_rel_fp16", keys
 
-    colors = {"saliency": "#1f77b4", "random": "#d62728"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">',
-             f'<rect width="{W}" height="{H}" fill="white"/>',
-             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 15}" text-anchor="middle">{x_key}</text>',
-             f'<text x="15" y="{H / 2}" transform="rotate(-90 15 {H / 2})" text-anchor="middle">'
-             f'{y_key} (log)</text>']
-    for v in (x0, x1):
-        parts.append(f'<text x="{sx(v)}" y="{H - pad + 15}" text-anchor="middle" font-size="11">{v:.3g}</text>')
-    for v in (y0, y1):
-        parts.append(f'<text x="{pad - 5}" y="{sy(v)}" text-anchor="end" font-size="11">{10 ** v:.3g}</text>')
-    for sel in sorted({p[2] for p in pts}):
-        series = sorted((p[0], math.log10(p[1])) for p in pts if p[2] == sel)
-        c = colors.get(sel, "#2ca02c")
-        if len(series) > 1:
-            d = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in series)
-            parts.append(f'<polyline points="{d}" fill="none" stroke="{c}"/>')
-        parts += [f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="4" fill="{c}"/>' for a, b in series]
-        parts.append(f'<text x="{W - pad}" y="{pad + 15 * (1 + sorted(colors).index(sel) if sel in colors else 3)}" '
-                     f'fill="{c}" text-anchor="end">{html.escape(sel)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+
+def _x(row: dict, x_key: str) -> float | None:
+    if x_key in row["swept"]:
+        return _number(row["swept"][x_key])
+    return row["metrics"].get(x_key)
+
+
+def write_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
+    """One PNG per ppl/<dataset> metric: -> [(title, path)]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, series_keys = plot_axes(rows)
+    ppl_keys = sorted({k for r in rows for k in r["metrics"] if k.startswith("ppl/") and "/fp/" not in k
+                       and not k.startswith("ppl/fp/")})
+    done = [r for r in rows if r["state"] == "done"]
+    out = []
+    for y_key in ppl_keys:
+        pts = [(x, r["metrics"][y_key], r) for r in done
+               if y_key in r["metrics"] and (x := _x(r, x_key)) is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        groups: dict[str, list] = {}
+        for x, y, r in pts:
+            label = " ".join(f"{k}={r['swept'][k]}" for k in series_keys if k in r["swept"]) or y_key
+            groups.setdefault(label, []).append((x, y, r))
+        for label, g in groups.items():
+            g.sort(key=lambda t: t[0])
+            ax.plot([t[0] for t in g], [t[1] for t in g], marker="o", label=label)
+            for x, y, r in g:
+                ax.annotate(" ".join(f"{v}" for v in r["swept"].values()) or r["overrides"], (x, y),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+        fp = {r["metrics"].get(y_key.replace("ppl/", "ppl/fp/", 1)) for r in done} - {None}
+        if len(fp) == 1:
+            ax.axhline(fp.pop(), color="gray", ls="--", lw=1, label="full precision")
+        ax.set_yscale("log")
+        ax.set_xlabel(x_key if x_key != "cost/ace_rel_fp16" else "cost/ace_rel_fp16 (ACE relative to FP16)")
+        ax.set_ylabel(f"{y_key} (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{y_key} against {x_key}")
+        fig.tight_layout()
+        path = out_dir / f"plot_{y_key.replace('/', '_')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        out.append((f"{y_key} against {x_key}", path))
+    return out
 
 
 def write_report(sweep_dir: Path) -> tuple[Path, Path]:
     rows = collect(sweep_dir)
     head, body = table(rows)
     md = sweep_dir / "report.md"
-    md.write_text(f"# Sweep {sweep_dir}\n\n" + markdown(head, body))
+    plots = write_plots(rows, sweep_dir)
+    md.write_text(f"# Sweep {sweep_dir}\n\n" + markdown(head, body)
+                  + "".join(f"\n![{t}]({p.name})\n" for t, p in plots))
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    figs = "".join(f"<h2>{html.escape(t)}</h2><img src='{html.escape(p.name)}' alt='{html.escape(t)}'>"
+                   for t, p in plots) or "<p>(no finished points to plot)</p>"
     page = (f"<html><head><meta charset='utf-8'><title>spikellm sweep</title></head><body>"
             f"<h1>Sweep {html.escape(str(sweep_dir))}</h1>"
             f"<table border='1' cellspacing='0' cellpadding='4'><tr>"
             + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{cells}</table>"
-            f"<h2>Perplexity against average steps (saliency vs random)</h2>{svg_plot(rows)}"
-            f"</body></html>")
+            f"{figs}</body></html>")
     out = sweep_dir / "report.html"
     out.write_text(page)
     return out, md

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import stages
-from .config import run_name
+from .config import point_values, run_name, varying_keys
 from .schema import open_store
 from .store import write_json
 
@@ -101,25 +101,6 @@ def run_sweep(cfgs: list, points: list[list[str]], dirs: dict[str, str] | None =
     return manifests, ok
 
 
-def varying_keys(points: list[list[str]]) -> list[str]:
-    """The override keys whose value differs between the sweep's points (first-seen order)."""
-    seen: dict[str, set] = {}
-    for p in points:
-        d = dict(o.split("=", 1) for o in p if "=" in o)
-        for k in d:
-            seen.setdefault(k.lstrip("+"), set())
-    for p in points:
-        d = {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in p if "=" in o)}
-        for k in seen:
-            seen[k].add(d.get(k))
-    return [k for k, vals in seen.items() if len(vals) > 1]
-
-
-def _point_values(point: list[str], keys: list[str]) -> dict[str, str]:
-    d = {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in point if "=" in o)}
-    return {k: d[k] for k in keys if k in d}
-
-
 def stage_labels(plan, points: list[list[str]], names: list[str]) -> dict[str, str]:
     """node id -> its W&B run name: in a sweep, the stage and the swept values its points share
     ("quantize spiking.ratio=0.1 spiking.select=random"; "calibrate (shared by 8 points)",
@@ -130,7 +111,7 @@ def stage_labels(plan, points: list[list[str]], names: list[str]) -> dict[str, s
         if len(points) == 1:
             out[node.id] = f"{names[0]}:{node.stage}"
             continue
-        vals = [_point_values(points[p], keys) for p in node.points]
+        vals = [point_values(points[p], keys) for p in node.points]
         common = [f"{k}={vals[0][k]}" for k in keys if k in vals[0] and all(v.get(k) == vals[0][k] for v in vals)]
         if len(node.points) == 1:
             out[node.id] = " ".join([node.stage, *common])
@@ -155,7 +136,7 @@ def log_point(tracker, cfg, manifest: dict, points: list[list[str]], p: int, nam
     for k in keys:                     # the swept keys as top-level columns, typed
         config[k] = cfg._choices.get(k) if k in cfg._choices else OmegaConf.select(cfg, k)
     config["choices"] = manifest["choices"]
-    label = " ".join(f"{k}={v}" for k, v in _point_values(points[p], keys).items()) or name
+    label = " ".join(f"{k}={v}" for k, v in point_values(points[p], keys).items()) or name
     tags = [str(manifest["choices"].get(g)) for g in ("model", "quant", "spiking") if manifest["choices"].get(g)]
     if manifest["choices"].get("experiment"):
         tags.append(str(manifest["choices"]["experiment"]))

@@ -162,8 +162,14 @@ def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device:
     raw.pop("_load_with", None)
     raw["model_type"] = qc["base_model_type"]
     config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
-    model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=_DTYPES[dtype],
-                                                 attn_implementation="sdpa")
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()    # its load report lists the runtime tensors as unexpected:
+    try:                                # they are, until restore_quantized loads them below
+        model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=_DTYPES[dtype],
+                                                     attn_implementation="sdpa")
+    finally:
+        hf_logging.set_verbosity(level)
     model.eval()
     spec = family_of(model)
     restore_quantized(model, spec, q, s, directory)

@@ -153,6 +153,11 @@ def test_sweep_runs_shared_stages_once_logs_wandb_and_reruns_nothing(tmp_path):
     assert runs_here == {3, 4} and not list((tmp_path / "runs").glob("*/*/manifest.json"))
     assert all("hydra" not in json.loads((sweep_dir / str(n) / "manifest.json").read_text())["name"]
                for n in (0, 1))
+    # the report: the swept key as the table's column and the plot's x axis, a matplotlib PNG
+    page = (sweep_dir / "report.html").read_text()
+    assert "<th>quant.wbits</th>" in page and "<th>point</th>" not in page
+    png = sweep_dir / "plot_ppl_wikitext2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "src='plot_ppl_wikitext2.png'" in page
     again = _run(sweep + [f"hydra.sweep.dir={sweep_dir}"], tmp_path)   # never mixed with a new sweep
     assert again.returncode == 2 and "already holds a sweep record" in again.stderr
     states = [json.loads(f.read_text()) for f in (sweep_dir / "state").glob("*.json")]
