@@ -54,8 +54,9 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Columns: the swept keys (or the point's overrides when nothing varies), the state, then
     perplexities first and every other metric except per-dataset timings."""
     keys = swept_keys(rows)
+    first = ("ppl/", "acc/", "cost/avg_steps", "cost/storage_bits", "cost/ace_rel_fp16", "cost/")
     metrics = sorted({k for r in rows for k in r["metrics"] if not k.startswith("time/eval")},
-                     key=lambda k: (not k.startswith("ppl/"), k))
+                     key=lambda k: (next((i for i, p in enumerate(first) if k.startswith(p)), len(first)), k))
     head = (keys or ["point"]) + ["state"] + metrics
     body = [([r["swept"].get(k, "") for k in keys] if keys else [r["overrides"]]) + [r["state"]]
             + [_fmt(r["metrics"].get(k)) for k in metrics] for r in rows]
@@ -122,6 +123,9 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
         fp = {r["metrics"].get(y_key.replace("ppl/", "ppl/fp/", 1)) for r in done} - {None}
         if len(fp) == 1:
             ax.axhline(fp.pop(), color="gray", ls="--", lw=1, label="full precision")
+        xs = sorted({t[0] for t in pts})
+        if all(float(x).is_integer() for x in xs) and len(xs) <= 12:      # e.g. quant.wbits
+            ax.set_xticks(xs)
         ax.set_yscale("log")
         ax.set_xlabel(x_key if x_key != "cost/ace_rel_fp16" else "cost/ace_rel_fp16 (ACE relative to FP16)")
         ax.set_ylabel(f"{y_key} (log scale)")
@@ -148,8 +152,8 @@ def write_report(sweep_dir: Path) -> tuple[Path, Path]:
                    for t, p in plots) or "<p>(no finished points to plot)</p>"
     page = (f"<html><head><meta charset='utf-8'><title>spikellm sweep</title></head><body>"
             f"<h1>Sweep {html.escape(str(sweep_dir))}</h1>"
-            f"<table border='1' cellspacing='0' cellpadding='4'><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{cells}</table>"
+            f"<div style='overflow-x:auto'><table border='1' cellspacing='0' cellpadding='4'><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{cells}</table></div>"
             f"{figs}</body></html>")
     out = sweep_dir / "report.html"
     out.write_text(page)
