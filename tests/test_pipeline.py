@@ -74,6 +74,20 @@ def test_hydra_habits_not_honoured_are_one_line_errors(args, needle, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_hydra_flags_print_help_and_configs_as_hydra_does(tmp_path):
+    h = _run(["--help"], tmp_path)
+    assert h.returncode == 0 and "quant " in h.stdout and "omniquant" in h.stdout and "--cfg" in h.stdout
+    job = _run(["--cfg", "job", "--package", "quant", "quant.wbits=3"], tmp_path)
+    assert job.returncode == 0 and "wbits: 3" in job.stdout and "method: gptq" in job.stdout
+    hyd = _run(["-c", "hydra", "--package", "hydra.sweeper"], tmp_path)
+    assert hyd.returncode == 0 and "BasicSweeper" in hyd.stdout
+    everything = _run(["--cfg", "all"], tmp_path)
+    assert everything.returncode == 0 and "hydra:" in everything.stdout and "spiking:" in everything.stdout
+    bad = _run(["--info"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --info is not an option")
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
 def test_launcher_slurm_without_a_controller_is_one_line_error(tmp_path):
     # a SLURM_CONF that names no file: squeue cannot reach a controller (as on a laptop)
     p = _run(REDUCED[:-1] + ["launcher=slurm"], tmp_path, {"SLURM_CONF": str(tmp_path / "none.conf")})
