@@ -40,7 +40,7 @@ def _run(tmp_path, sweep_name):
     sweep_dir = tmp_path / "sweeps" / sweep_name
     execute.write_plan(p, sweep_dir, [[]] * len(cfgs))
     done = execute.execute_local(p, ArtifactStore(tmp_path / "cache"), Tracker("none"), sweep_dir,
-                                 ["a", "b"])
+                                 {i: n.stage for i, n in p.nodes.items()})
     return p, done, sweep_dir
 
 

@@ -110,8 +110,13 @@ def test_cancel_stops_exactly_that_sweeps_jobs(tmp_path):
         c = subprocess.run([sys.executable, "-m", "pipelines.cancel", "--latest", str(tmp_path)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert c.returncode == 0 and "cancelled" in c.stdout, c.stderr
-        left = set(subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True,
-                                  timeout=60).stdout.split())
+        import time
+        for _ in range(60):             # scancel returns at once; the jobs leave the queue soon after
+            left = set(subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True,
+                                      timeout=60).stdout.split())
+            if not ids & left:
+                break
+            time.sleep(1)
         assert not (ids & left) and other in left
         st = subprocess.run([sys.executable, "-m", "pipelines.status", str(sweep)], cwd=ROOT,
                             capture_output=True, text=True)
