@@ -165,7 +165,7 @@ def _reset_gpu_peak(cfg) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def _tags(cfg) -> list[str]:
+def run_tags(cfg) -> list[str]:
     """W&B tags of a run: the model, quant and spiking choices (and the recipe)."""
     ch = cfg.get("_choices") or {}
     return [str(ch[g]) for g in ("model", "quant", "spiking", "experiment") if ch.get(g)]
@@ -184,7 +184,7 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
     try:
         check_disk(node, store.root)
         with tracker.stage_run(node.stage, name, {**_config_dict(node.cfg), "stage_key": node.key},
-                               tags=_tags(node.cfg)) as run:
+                               tags=run_tags(node.cfg)) as run:
             art, built = store.build(node.stage, node.key,
                                  lambda out: STAGE_FUNCTIONS[node.stage](
                                      node.cfg, deps, out, checkpoint=claim_checkpoint(store, node),

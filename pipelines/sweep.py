@@ -76,6 +76,7 @@ def run_sweep(cfgs: list, points: list[list[str]], dirs: dict[str, str] | None =
             wait_slurm(jobs, the_plan, sweep_dir)
         done = resolve_cached(the_plan, store)
     manifests, ok = [], True
+    swept = varying_keys(points) if len(points) > 1 else []     # once per sweep, not per point
     for p, (cfg, ids) in enumerate(zip(cfgs, the_plan.points)):
         arts = {stage: done[i] for stage, i in ids.items()}
         if any(a is None for a in arts.values()):
@@ -86,7 +87,7 @@ def run_sweep(cfgs: list, points: list[list[str]], dirs: dict[str, str] | None =
             continue
         run_dir = Path(dirs["run"]) if "run" in dirs else (sweep_dir / str(p) if "sweep" in dirs else None)
         manifests.append(write_run_manifest(cfg, arts, names[p], sweep_dir, run_dir))
-        log_point(tracker, cfg, json.loads(manifests[-1].read_text()), points, p, names[p])
+        log_point(tracker, cfg, json.loads(manifests[-1].read_text()), swept, points[p], names[p])
     executed = _state_counts(sweep_dir)
     wall = time.time() - t0
     write_json(sweep_dir / "summary.json", {"wall_s": wall, "points": len(cfgs), "counts": counts,
@@ -129,18 +130,16 @@ def sweep_group(cfg, sweep_dir: Path, n_points: int) -> str:
     return f"{label}-{date}-{sweep_dir.name}"
 
 
-def log_point(tracker, cfg, manifest: dict, points: list[list[str]], p: int, name: str) -> None:
-    """One W&B run for sweep point `p` with its whole result (`Tracker.point_run`)."""
-    keys = varying_keys(points) if len(points) > 1 else []
-    config = {k: v for k, v in manifest["config"].items()}
+def log_point(tracker, cfg, manifest: dict, keys: list[str], point: list[str], name: str) -> None:
+    """One W&B run for a sweep point (its overrides `point`, the sweep's swept `keys`) with its
+    whole result (`Tracker.point_run`)."""
+    from .execute import run_tags
+    config = dict(manifest["config"])
     for k in keys:                     # the swept keys as top-level columns, typed
         config[k] = cfg._choices.get(k) if k in cfg._choices else OmegaConf.select(cfg, k)
     config["choices"] = manifest["choices"]
-    label = " ".join(f"{k}={v}" for k, v in point_values(points[p], keys).items()) or name
-    tags = [str(manifest["choices"].get(g)) for g in ("model", "quant", "spiking") if manifest["choices"].get(g)]
-    if manifest["choices"].get("experiment"):
-        tags.append(str(manifest["choices"]["experiment"]))
-    tracker.point_run(label, config, manifest["metrics"], tags)
+    label = " ".join(f"{k}={v}" for k, v in point_values(point, keys).items()) or name
+    tracker.point_run(label, config, manifest["metrics"], run_tags(cfg))
 
 
 def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path, run_dir: Path | None = None) -> Path:
