@@ -41,8 +41,46 @@ class ConfigError(ValueError):
     """A bad override or value; the message is one line that names the key and the fix."""
 
 
+#: the user's config directories (`--config-dir`/`-cd`, `hydra.searchpath`), searched after
+#: conf/ as Hydra does; set once per command by `set_search_path`
+_USER_DIRS: list[Path] = []
+
+
+def parse_search_path(value: str) -> list[Path]:
+    """`hydra.searchpath`'s value ([file:///a,/b] or one path) -> existing directories.
+    Hydra's pkg:// entries name Python packages: not supported here (one-line error)."""
+    items = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
+    dirs = []
+    for it in items:
+        if it.startswith("pkg://"):
+            raise ConfigError(f"hydra.searchpath: {it}: pkg:// entries are not supported; give the "
+                              f"directory as file:///path (or --config-dir /path)")
+        d = Path(it[len("file://"):] if it.startswith("file://") else it).expanduser().resolve()
+        if not d.is_dir():
+            raise ConfigError(f"hydra.searchpath / --config-dir: {d} is not a directory; give a folder "
+                              f"that holds <group>/<option>.yaml files (e.g. model/mymodel.yaml)")
+        dirs.append(d)
+    return dirs
+
+
+def set_search_path(dirs: list[Path]) -> None:
+    """Make `dirs` (after conf/) the config search path of every composition in this process."""
+    _USER_DIRS[:] = [Path(d) for d in dirs]
+
+
+def config_dirs() -> list[Path]:
+    """conf/ then the user's directories: where group options are looked up, in Hydra's order."""
+    return [CONF_DIR, *_USER_DIRS]
+
+
+def option_file(group: str, option: str) -> Path | None:
+    """The YAML an option of a group comes from (the first directory of the search path that has it)."""
+    return next((d / group / f"{option}.yaml" for d in config_dirs()
+                 if (d / group / f"{option}.yaml").exists()), None)
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -77,9 +115,10 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     """Hydra's composition of conf/config.yaml (with the hydra node), errors as one line."""
     _check_groups(overrides)
     GlobalHydra.instance().clear()
+    search = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in _USER_DIRS)}]"] if _USER_DIRS else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            return compose(config_name="config", overrides=[*overrides, *search], return_hydra_config=True)
     except Exception as e:
         cause = f"\n{str(e.__cause__)}" if e.__cause__ is not None else ""
         raise ConfigError(_method_key_error(str(e), overrides) or _first_lines(str(e) + cause)) from None
@@ -97,8 +136,8 @@ def _first_lines(msg: str) -> str:
 def _chosen(group: str, overrides: list[str], default: str) -> str:
     """The config class name (method or mode) the `group=` option of `overrides` stands for."""
     opt = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{group}=")), default)
-    f = CONF_DIR / group / f"{opt}.yaml"
-    node = OmegaConf.load(f) if f.exists() else {}
+    f = option_file(group, opt)
+    node = OmegaConf.load(f) if f is not None else {}
     return str(node.get("method" if group == "quant" else "mode", opt))
 
 
@@ -178,6 +217,8 @@ def compose_sweep(points: list[list[str]]) -> tuple[list[DictConfig], list[list[
 #: Hydra's own output directories, honoured: hydra.run.dir (a single run's directory) and
 #: hydra.sweep.dir (a -m sweep's record; point n's run directory is <hydra.sweep.dir>/<n>)
 HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir")
+#: Hydra's config search path, honoured (user config directories after conf/)
+HYDRA_SEARCHPATH = "hydra.searchpath"
 
 
 def check_cli_overrides(overrides: list[str], multirun: bool) -> None:
@@ -200,9 +241,9 @@ def check_cli_overrides(overrides: list[str], multirun: bool) -> None:
             sub = bare.split(".", 2)[2] if bare.count(".") >= 2 else "<key>"
             raise ConfigError(f"{ov}: spikellm launches through its own launcher group: use "
                               f"launcher=slurm (or submitit_local, local) and launcher.{sub}=...")
-        if bare.startswith("hydra/") or (bare.startswith("hydra.") and bare not in HYDRA_DIRS):
-            raise ConfigError(f"{ov}: spikellm reads no hydra settings other than {' and '.join(HYDRA_DIRS)}; "
-                              f"results go under paths.outputs")
+        if bare.startswith("hydra/") or (bare.startswith("hydra.") and bare not in (*HYDRA_DIRS, HYDRA_SEARCHPATH)):
+            raise ConfigError(f"{ov}: spikellm reads no hydra settings other than {', '.join(HYDRA_DIRS)} and "
+                              f"{HYDRA_SEARCHPATH}; results go under paths.outputs")
         if bare == "hydra.run.dir" and multirun:
             raise ConfigError(f"{ov} names a single run's directory: with -m set hydra.sweep.dir "
                               f"(or paths.outputs)")
@@ -228,8 +269,10 @@ def _check_groups(overrides: list[str]) -> None:
         if key in GROUPS and value:
             options = group_options(key)
             if value not in options:
+                where = " or ".join(f"{d}/{key}/" for d in config_dirs()[1:])
                 raise ConfigError(f"{key}={value} is not a known option; choose one of: "
-                                  f"{', '.join(options)} (files in conf/{key}/)")
+                                  f"{', '.join(options)} (files in conf/{key}/"
+                                  + (f" or {where})" if where else "; add your own with --config-dir DIR)"))
 
 
 #: quant methods whose default spiking is none (the ternary default belongs to GPTQ/RTN)

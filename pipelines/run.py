@@ -1,9 +1,9 @@
 """`python -m pipelines.run [overrides] [-m]`: quantize, evaluate, write a manifest, print a table.
 
 Overrides use Hydra's grammar (`quant=rtn quant.wbits=3 spiking.ratio=0.1`); `-m` expands
-sweeps (`spiking.ratio=0,0.1,0.2`) and runs every point. `--cfg` prints the composed
-config and exits (`--cfg job|hydra|all`, `--resolve`, `--package KEY`, as Hydra's); `--help`
-lists the config groups. Bad input exits 2 with one line naming the key.
+sweeps (`spiking.ratio=0,0.1,0.2`) and runs every point. Hydra's flags (`--help`, `--cfg`,
+`--info`, `--config-dir`, `--shell-completion`, ...) are in `pipelines.cli`. Bad input exits 2
+with one line naming the key.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from spikellm.data import DataError
 
 from .artifacts import StoreIOError
+from .cli import completion_query, completion_script, help_text, info, parse_flags, print_cfg, shadowed_options
 from .config import (HYDRA_DIRS, ConfigError, check_cli_overrides, compose_config, compose_sweep,
                      expand_points, expand_sweep, output_dirs, recipe_sweep)
 from .schema import PreflightError, preflight
@@ -44,90 +45,27 @@ def _check_output_dirs(dirs: dict[str, str]) -> None:
                               f"new directory (cached stages are reused from paths.outputs either way)")
 
 
-HELP = """spikellm: post-training spiking LLMs (SpikeLLM) as cached, SLURM-launched experiments.
-
-usage: python -m pipelines.run [overrides] [-m] [--cfg job|hydra|all] [--resolve] [--package KEY]
-       python -m pipelines.run --help
-
-  overrides   Hydra's grammar: group=option (quant=omniquant), key=value (spiking.ratio=0.1),
-              sweeps with -m (spiking.ratio=0,0.1,0.2, range(2,5), glob(*)), +key=value to add
-  -m          run every point of the sweep (one DAG: shared stages run once)
-  --cfg, -c   print the composed config and exit: job (the run's keys, default), hydra (Hydra's
-              node), all; --resolve resolves interpolations, --package KEY prints that key only
-  hydra.run.dir=D / hydra.sweep.dir=D   a run's / a -m sweep's directory (default under paths.outputs)
-
-Config groups (conf/<group>/<option>.yaml):
-{groups}
-
-Examples:
-  python -m pipelines.run                                   # the main job: GPTQ W4 + ternary spiking
-  python -m pipelines.run quant=omniquant quant.wbits=4 quant.abits=4 spiking=t2
-  python -m pipelines.run -m spiking.ratio=0,0.1,0.2 spiking.select=saliency,random
-  python -m pipelines.run model=llama2_70b quant=gptq dry_run=true
-Status and control: python -m pipelines.status --latest, python -m pipelines.cancel --latest
-"""
-
-
-def _help() -> str:
-    from .config import GROUPS, group_options
-    return HELP.format(groups="\n".join(f"  {g:<11} {', '.join(group_options(g))}" for g in GROUPS))
-
-
-def _flag_value(argv: list[str], names: tuple[str, ...], default: str | None, choices=None) -> tuple[str | None, list[str]]:
-    """(value of the first flag in `names` or `default` when given bare, argv without it)."""
-    out, value = [], None
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in names:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is not None and (choices is None or nxt in choices) and "=" not in nxt and not nxt.startswith("-"):
-                value, i = nxt, i + 2
-                continue
-            if default is None:
-                raise ConfigError(f"{a} needs a value")
-            value, i = default, i + 1
-            continue
-        out.append(a)
-        i += 1
-    return value, out
-
-
-def _print_cfg(cfgs, which: str, resolve: bool, package: str | None, overrides: list[str]) -> None:
-    from .config import _compose_raw
-    for c in cfgs:
-        node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(c).items() if not k.startswith("_")})
-        if which in ("hydra", "all"):
-            hydra = OmegaConf.create({"hydra": OmegaConf.to_container(_compose_raw(c._overrides).hydra)})
-            node = hydra if which == "hydra" else OmegaConf.merge(node, hydra)
-        if package:
-            sel = OmegaConf.select(node, package)
-            if sel is None:
-                raise ConfigError(f"--package {package}: no such key in the composed config")
-            node = sel if OmegaConf.is_config(sel) else OmegaConf.create({package: sel})
-        print(OmegaConf.to_yaml(node, resolve=resolve))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("--help", "-h") for a in argv):
-        print(_help())
-        return 0
     try:
-        cfg_kind, argv = _flag_value(argv, ("--cfg", "-c"), "job", ("job", "hydra", "all"))
-        package, argv = _flag_value(argv, ("--package", "-p"), None)
+        flags, argv = parse_flags(argv)
+        if flags.completion:
+            script = completion_script(flags.completion)        # validates the request
+            print(completion_query() if flags.completion.startswith("query=") else script)
+            return 0
+        if flags.help:
+            print(help_text())
+            return 0
+        for path in shadowed_options():
+            print(f"[spikellm] note: {path} has the name of an option in conf/, which wins (as in Hydra): "
+                  f"rename it to use it", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    resolve = "--resolve" in argv
-    unknown = [a for a in argv if a.startswith("--") and a not in ("--multirun", "--resolve")]
-    if unknown:
-        print(f"error: {unknown[0]} is not an option of this driver (--help lists them; Hydra's "
-              f"--info, --shell-completion and --config-dir are not supported yet)", file=sys.stderr)
-        return 2
+    cfg_kind, package, resolve = flags.cfg, flags.package, flags.resolve
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    show_cfg = cfg_kind is not None
-    overrides = [a for a in argv if a not in ("-m", "--multirun", "--resolve")]
+    show_cfg = cfg_kind is not None or flags.info is not None
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
     try:
         check_cli_overrides(overrides, multirun)
         dirs = output_dirs(overrides)          # Hydra's output directories: not config keys
@@ -160,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if show_cfg:
         try:
-            _print_cfg(cfgs, cfg_kind, resolve, package, overrides)
+            if flags.info is not None:
+                print(info(flags.info, cfgs[0]))
+            else:
+                print_cfg(cfgs, cfg_kind, resolve, package)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

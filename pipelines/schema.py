@@ -354,6 +354,23 @@ def check_context(cfg: Any) -> None:
                                  f"(max_position_embeddings): use {key}<={limit}")
 
 
+def slurm_only_settings(launcher: Any) -> list[str]:
+    """`launcher.<key>=value` settings that differ from LauncherCfg's defaults: they shape SLURM
+    jobs only (everything but `kind`), so a local run cannot honour them."""
+    default = OmegaConf.structured(LauncherCfg)
+    given = OmegaConf.to_container(launcher) if OmegaConf.is_config(launcher) else dict(launcher)
+    out = []
+    for k, v in given.items():
+        if k == "kind":
+            continue
+        d = OmegaConf.to_container(default)[k]
+        if isinstance(v, dict) and isinstance(d, dict):
+            out += [f"launcher.{k}.{kk}={vv}" for kk, vv in v.items() if d.get(kk) != vv]
+        elif v != d:
+            out.append(f"launcher.{k}={v}")
+    return out
+
+
 def preflight(cfg: Any) -> None:
     """Checks that need the file system, before any work: the output directory, the device, the
     model checkpoint and its context length, and every data file the run will read. Raises
@@ -367,6 +384,10 @@ def preflight(cfg: Any) -> None:
                              f"run on a login node of the cluster, or use launcher=local")
     if resolve_launcher(cfg.launcher.kind) == "local":   # SLURM jobs check on their own node
         check_device(cfg.device)
+        unused = slurm_only_settings(cfg.launcher)
+        if unused and cfg.launcher.kind == "local":
+            raise PreflightError(f"{', '.join(unused)} only apply to SLURM jobs, and launcher=local runs "
+                                 f"in this process: drop them or use launcher=slurm")
     if cfg.model.path not in (None, "embedded"):
         resolve_source(cfg.model.path, cfg.model.hub_id, f"model={cfg.model.name}")
     elif cfg.model.path is None and not cfg.model.hub_id:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from . import stages
 from .config import point_values, run_name, varying_keys
-from .schema import open_store
+from .schema import open_store, slurm_only_settings
 from .store import write_json
 
 
@@ -64,6 +64,9 @@ def run_sweep(cfgs: list, points: list[list[str]], dirs: dict[str, str] | None =
     kind = resolve_launcher(first.launcher.kind)
     if first.launcher.kind == "auto":
         stages.say(launcher_choice(first.launcher.kind))
+        unused = slurm_only_settings(first.launcher) if kind == "local" else []
+        if unused:
+            stages.say(f"note: {', '.join(unused)} only apply to SLURM jobs: unused by this local run")
     if kind == "local":
         done = execute_local(the_plan, store, tracker, sweep_dir, labels)
     else:

@@ -83,8 +83,63 @@ def test_hydra_flags_print_help_and_configs_as_hydra_does(tmp_path):
     assert hyd.returncode == 0 and "BasicSweeper" in hyd.stdout
     everything = _run(["--cfg", "all"], tmp_path)
     assert everything.returncode == 0 and "hydra:" in everything.stdout and "spiking:" in everything.stdout
-    bad = _run(["--info"], tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --info is not an option")
+    info = _run(["--info", "quant=rtn"], tmp_path)
+    assert info.returncode == 0, info.stderr[-2000:]
+    for section in ("Config search path", "provider=main", "Defaults", "Plugins", "Config"):
+        assert section in info.stdout
+    assert f"quant: rtn -> {ROOT / 'conf' / 'quant' / 'rtn.yaml'}" in info.stdout
+    only = _run(["--info", "defaults"], tmp_path)
+    assert "Defaults" in only.stdout and "Config search path" not in only.stdout
+    bad = _run(["--bogus"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --bogus is not an option")
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_shell_completion_installs_and_completes_in_real_bash(tmp_path):
+    script = _run(["-sc", "install=bash"], tmp_path)
+    assert script.returncode == 0 and "complete -o nospace" in script.stdout
+    (tmp_path / "c.sh").write_text(script.stdout)
+
+    def reply(line):
+        cmd = (f'source {tmp_path / "c.sh"}; COMP_LINE="{line}"; COMP_POINT=${{#COMP_LINE}}; '
+               f'_spikellm_pipelines_run; printf "%s\\n" "${{COMPREPLY[@]}}"')
+        return subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120).stdout.split()
+    assert reply("python -m pipelines.run quant=omniquant spiking=t") == ["spiking=t2", "spiking=t4", "spiking=ternary"]
+    assert "quant.let_lr=" in reply("python -m pipelines.run quant=omniquant quant.l")
+    assert "quant.let_lr=" not in reply("python -m pipelines.run quant=gptq quant.l")   # the chosen method's keys
+    assert reply("python -m pipelines.run --con") == ["--config-dir"]
+    fish = _run(["-sc", "install=fish"], tmp_path)
+    assert fish.returncode == 2 and "fish is not supported" in fish.stderr
+
+
+def test_config_dir_and_searchpath_add_a_users_own_model(tmp_path):
+    """A user's model/mymodel.yaml outside the repo, through --config-dir and through
+    hydra.searchpath, runs as model=mymodel (a real reduced run)."""
+    user = tmp_path / "my_conf"
+    (user / "model").mkdir(parents=True)
+    src = (ROOT / "conf" / "model" / "smollm2_135m.yaml").read_text()
+    (user / "model" / "mymodel.yaml").write_text(src.replace("name: smollm2_135m", "name: mymodel"))
+    out = tmp_path / "out"
+    p = _run(["-cd", str(user), "model=mymodel", "quant=rtn", "spiking=none", "logger=none",
+              *REDUCED], out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = _manifest(p)
+    assert m["choices"]["model"] == "mymodel" and m["config"]["model"]["name"] == "mymodel"
+    sp = _run([f"hydra.searchpath=[file://{user}]", "model=mymodel", "--info", "defaults"], out)
+    assert sp.returncode == 0 and f"model: mymodel -> {user / 'model' / 'mymodel.yaml'}" in sp.stdout
+    missing = _run(["model=mymodel"], out)
+    assert missing.returncode == 2 and "add your own with --config-dir DIR" in missing.stderr
+    nodir = _run(["-cd", str(tmp_path / "nope"), "model=mymodel"], out)
+    assert nodir.returncode == 2 and "is not a directory" in nodir.stderr.strip().splitlines()[0]
+
+
+def test_slurm_only_settings_on_a_local_run_are_refused(tmp_path):
+    """launcher=local cannot honour a partition or job memory: one line, nothing run."""
+    p = _run([*REDUCED, "launcher.partition=gpu", "launcher.cpu_jobs.mem_gb=16"], tmp_path)
+    assert p.returncode == 2
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and "launcher.partition=gpu, launcher.cpu_jobs.mem_gb=16 only apply to SLURM jobs" in line[0]
     assert not list(tmp_path.rglob("manifest.json"))
 
 
