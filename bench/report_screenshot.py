@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -23,9 +24,13 @@ def main(argv: list[str]) -> int:
     if not page.exists():
         print(f"error: {page} does not exist: python -m pipelines.report {sweep}", file=sys.stderr)
         return 2
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={out}", "--window-size=1400,2200", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    # a closed network: no background connections, a fresh profile
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--disable-quic", "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                        f"--screenshot={out}", "--window-size=1400,2200", page.as_uri()],
+                       check=True, capture_output=True, timeout=120)
     print(out)
     return 0
 

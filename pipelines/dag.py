@@ -22,7 +22,7 @@ from .zeroshot import TASK_FILES
 
 #: a stage's own version, for changes of meaning the code digest cannot see (e.g. a file format)
 STAGE_VERSIONS = {"calibrate": 2, "score": 2, "act_stats": 2, "quantize": 3, "evaluate": 2, "evaluate_fp": 2,
-                  "export": 1}
+                  "export": 2}
 
 
 def _model_id(cfg) -> dict:
@@ -124,11 +124,13 @@ STAGE_INPUTS = {
                         **_runtime(c)},
     "act_stats": lambda c: {"model": _model_id(c), **_sel(c, "batch_size"), **_runtime(c)},
     "quantize": lambda c: {"model": _model_id(c), **_sel(c, "batch_size"),
-                           **_method_keys(c), **_energy_keys(c), **_runtime(c)},
+                           **_method_keys(c), **_energy_keys(c), **_runtime(c),
+                           # packed codes are recorded while quantizing: dense keys stay as they were
+                           **({"save_format": "packed"} if c.save_format == "packed" else {})},
     "evaluate": lambda c: {**_eval_keys(c), **_runtime(c)},
     "evaluate_fp": lambda c: {"model": _model_id(c), **_eval_keys(c), **_runtime(c)},
     # the quantized model (its quantize key) as a faithful checkpoint (spikellm.export)
-    "export": lambda c: {**_runtime(c)},
+    "export": lambda c: {**_sel(c, "save_format"), **_runtime(c)},
 }
 
 

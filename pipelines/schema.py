@@ -199,6 +199,9 @@ class RunCfg:
     batch_size: int = 8
     progress: bool = True
     save_model: bool = False
+    #: the export's weights: dense (the model dtype; plain transformers loads weight-only methods)
+    #: or packed (codes at their information content + FP16 scales: spikellm.load_quantized only)
+    save_format: str = "dense"
 
 
 def validate(cfg: Any) -> None:
@@ -206,6 +209,9 @@ def validate(cfg: Any) -> None:
     from spikellm.data import EVAL_SPLIT
     c = cfg
     checks = [
+        (c.save_format in ("dense", "packed"), "save_format", "dense or packed", c.save_format),
+        (c.save_format == "dense" or c.save_model, "save_format",
+         "dense unless save_model=true (packed is a format of the export: add save_model=true)", c.save_format),
         (c.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "float32, float16 or bfloat16", c.model.dtype),
         (c.calib.dataset in DATASETS, "calib.dataset", f"one of {', '.join(DATASETS)}", c.calib.dataset),
         (c.calib.nsamples >= 1, "calib.nsamples", ">= 1", c.calib.nsamples),

@@ -153,12 +153,14 @@ def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, check
         f"on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     report = quantize(model, calib.to(device), q, s, batch_size=cfg.batch_size, device=device,
                       progress=cfg.progress, log=say, checkpoint_dir=checkpoint, stream=stream,
-                      on_block=on_block, **options)
+                      on_block=on_block, pack=cfg.save_format == "packed", **options)
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
     if report.params:
         save_file({k: v.contiguous() for k, v in report.params.items()}, str(out / "omni_params.safetensors"))
+    if report.packed:                                   # save_format=packed: the codes, for export
+        save_file({k: v.contiguous() for k, v in report.packed.items()}, str(out / "packed.safetensors"))
     metrics = {f"cost/{k}": v for k, v in report.cost.items()}
     metrics.update(energy_metrics(cfg, report.costs))
     metrics.update({"time/quantize_s": report.seconds, "mem/peak_gb": peak_memory_gb(device)})
@@ -361,17 +363,27 @@ def export(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     (`spikellm.export`: weights, the method's runtime tensors, tokenizer, and a
     quantization_config that `spikellm.load_quantized` rebuilds the method from). A streamed
     quantize's checkpoint is linked, not loaded; the run directory gets hard links of it."""
-    from spikellm.export import checkpoint_bytes, link_checkpoint, mark_quantized, save_quantized
+    from spikellm.export import checkpoint_bytes, link_checkpoint, mark_quantized, pack_checkpoint, save_quantized
     t0 = time.time()
     q = deps["quantize"]
     qcfg, scfg = method_configs(cfg)
     if q.file("weights.safetensors").exists():
         lm = _quantized_model(cfg, q)
         save_quantized(lm.model, lm.tokenizer, qcfg, scfg, out / "model")
+        del lm
     else:
         link_checkpoint(q.file("model"), out / "model")
         mark_quantized(out / "model", qcfg, scfg)
-    return {"time/export_s": time.time() - t0, "export/gb": checkpoint_bytes(out / "model") / 1e9}
+    metrics = {}
+    if cfg.save_format == "packed":
+        packed = q.file("packed.safetensors")
+        if not packed.exists():
+            raise FileNotFoundError(f"quantize artifact {q.path} has no packed.safetensors: it predates "
+                                    f"save_format=packed; remove it (python -m pipelines.gc) and run again")
+        stats = pack_checkpoint(out / "model", packed)
+        metrics = {"export/packed_bits": stats["bits_per_weight"], "export/packed_gb": stats["bytes"] / 1e9,
+                   "export/packed_layers": stats["layers"]}
+    return {"time/export_s": time.time() - t0, "export/gb": checkpoint_bytes(out / "model") / 1e9, **metrics}
 
 
 STAGE_FUNCTIONS = {"calibrate": calibrate, "score": score, "act_stats": act_stats, "quantize": quantize_stage,

@@ -16,6 +16,9 @@ What a plain `AutoModelForCausalLM.from_pretrained(path)` does:
 - weight-only methods (RTN, GPTQ, PB-LLM, ternary spiking weights: the quantized weights are dense
   tensors the base architecture reads, `runtime_tensors` 0) keep the base `model_type`; a plain
   load gives the same model (transformers notes that it does not know quant_method "spikellm").
+- `save_format=packed` (`pack_checkpoint`): the linear weights are in packed.safetensors as
+  codes + FP16 scales (`spikellm.packing`), not in the shards; model_type `spikellm`, so a plain
+  load fails loudly and `load_quantized` unpacks them.
 - methods with runtime modules (OmniQuant/SpikeLLM: activation, weight and K/V quantizers) would
   load as weights only and compute another model without saying so, so their `model_type` is
   `spikellm`: a plain load fails with transformers' unknown-model-type error, and
@@ -165,18 +168,90 @@ def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device:
     from transformers.utils import logging as hf_logging
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()    # its load report lists the runtime tensors as unexpected:
-    try:                                # they are, until restore_quantized loads them below
+    try:                                # they are, until restore_quantized loads them below;
         model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=_DTYPES[dtype],
                                                      attn_implementation="sdpa")
+        # (the tokenizer's own read of config.json would warn about model_type spikellm)
+        tokenizer = AutoTokenizer.from_pretrained(directory) \
+            if (directory / "tokenizer_config.json").exists() else None
     finally:
         hf_logging.set_verbosity(level)
     model.eval()
+    if qc.get("packed"):
+        unpack_into(model, directory / qc["packed"]["file"])
     spec = family_of(model)
     restore_quantized(model, spec, q, s, directory)
     model.to(device)
-    has_tokenizer = (directory / "tokenizer_config.json").exists()
-    return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(directory) if has_tokenizer else None,
-                       source=str(directory), spec=spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(directory), spec=spec)
+
+
+PACKED_FILE = "packed.safetensors"
+
+
+def pack_checkpoint(directory: str | os.PathLike, packed_file: str | os.PathLike) -> dict:
+    """Make the dense export in `directory` a packed one: the linear weights that `packed_file`
+    holds (`packing.pack_layer` tensors, "<module path>.<tensor>") leave the shards, the packed
+    file joins them as packed.safetensors, and config.json records it (model_type `spikellm`:
+    a plain transformers load would lack those weights, so it fails with the unknown-type error).
+    Shards are rewritten as new files (never through a hard link).
+    -> {"layers", "bytes" (of packed.safetensors), "params" (weights packed), "bits_per_weight"}."""
+    from safetensors.torch import load_file, save_file
+
+    from .packing import layer_meta, split_layers
+    directory = Path(directory)
+    layers = split_layers(load_file(str(packed_file)))
+    drop = {f"{name}.weight" for name in layers}
+    index = directory / "model.safetensors.index.json"
+    shards = sorted(directory.glob("*.safetensors"))
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    found = set()
+    for shard in shards:
+        tensors = load_file(str(shard))
+        kept = {k: v for k, v in tensors.items() if k not in drop}
+        found |= set(tensors) & drop
+        if len(kept) != len(tensors):
+            tmp = shard.with_name(shard.name + ".tmp")
+            save_file(kept, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, shard)
+    if found != drop:
+        raise ValueError(f"{packed_file} packs layers the checkpoint lacks (e.g. {sorted(drop - found)[0]})")
+    if weight_map is not None:
+        weight_map = {k: v for k, v in weight_map.items() if k not in drop}
+        raw = json.loads(index.read_text())
+        raw["weight_map"] = weight_map
+        tmp = index.with_name(index.name + ".tmp")
+        tmp.write_text(json.dumps(raw, indent=2))
+        os.replace(tmp, index)
+    target = directory / PACKED_FILE
+    try:
+        os.link(packed_file, target)
+    except OSError:
+        shutil.copy2(packed_file, target)
+    params = sum(layer_meta(t)["shape"][0] * layer_meta(t)["shape"][1] for t in layers.values())
+    nbytes = target.stat().st_size
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    raw["quantization_config"]["packed"] = {"file": PACKED_FILE, "layers": len(layers), "params": params}
+    raw["model_type"] = MODEL_TYPE
+    raw["_load_with"] = "import spikellm; spikellm.load_quantized(path)  (the linear weights are packed)"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return {"layers": len(layers), "bytes": nbytes, "params": params, "bits_per_weight": 8 * nbytes / params}
+
+
+def unpack_into(model: nn.Module, packed_file: str | os.PathLike) -> int:
+    """Set every packed linear's weight of `model` from `packed_file`; returns the layer count."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .packing import split_layers, unpack_layer
+    layers = split_layers(load_file(str(packed_file)))
+    with torch.no_grad():
+        for name, t in layers.items():
+            w = model.get_submodule(name).weight
+            w.data = unpack_layer(t).to(w.dtype)
+    return len(layers)
 
 
 def checkpoint_bytes(directory: str | os.PathLike) -> int:

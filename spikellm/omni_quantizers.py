@@ -181,15 +181,35 @@ class LWCWeightQuantizer(nn.Module):
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
         return w.reshape(-1, self.group_size) if self.group_size else w
 
-    def _quant(self, wg: torch.Tensor, bits: int) -> torch.Tensor:
+    def _range(self, wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped weights [R, n] -> scale, zero [R, 1] of the (LWC-clipped) min-max range."""
         wmax, wmin = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
         if self.lwc:
             wmax = torch.sigmoid(self.upbound_factor) * wmax
             wmin = torch.sigmoid(self.lowbound_factor) * wmin
         # the zero point is rounded without a gradient (OmniQuant's quantizer.py: `.round()`):
         # LWC learns through the scale and the STE rounding of w/scale only
-        scale, zero = range_params(wmin, wmax, bits)
+        return range_params(wmin, wmax, bits)
+
+    def _quant(self, wg: torch.Tensor, bits: int) -> torch.Tensor:
+        scale, zero = self._range(wg, bits)
         return fake_quant(wg, scale, zero, 2 ** bits - 1)
+
+    @torch.no_grad()
+    def code_classes(self, w: torch.Tensor) -> tuple[list, torch.Tensor | None, bool]:
+        """The grids `forward(w)` quantizes with, for `packing.pack_layer`: class 0 the
+        `bits`-bit grid, class 1 (when any column is salient) the bits+addbit grid of the salient
+        columns; scale and zero per row and group [C_out, G]."""
+        from .packing import CodeClass
+        rows = w.shape[0]
+        wg = self._grouped(w.float())
+        out = []
+        for bits in (self.bits, self.bits + self.addbit)[: 1 + bool(self.salient_cols.any())]:
+            scale, zero = self._range(wg, bits)
+            out.append(CodeClass(2 ** bits, "uniform", {"s": scale.reshape(rows, -1).cpu(),
+                                                         "z": zero.reshape(rows, -1).cpu()}))
+        cls = self.salient_cols.long().cpu() if len(out) > 1 else None
+        return out, cls, True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:

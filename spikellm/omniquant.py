@@ -387,13 +387,24 @@ def _train_block(block, linears, let, q_in: BlockInputs, fp_out: torch.Tensor, q
 
 
 @torch.no_grad()
-def _finalize(block, spec: FamilySpec, linears, let: LETParams | None) -> None:
-    """Fold LET into weights and norms, quantize weights in place, drop the weight quantizers."""
-    for ql in linears.values():
+def _finalize(block, spec: FamilySpec, linears, let: LETParams | None,
+              pack: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Fold LET into weights and norms, quantize weights in place, drop the weight quantizers.
+    Returns, with `pack`, each quantized linear's `packing.pack_layer` tensors (by name), and
+    the linears get the weights those give (FP16 scales: exactly what a packed export stores)."""
+    from .packing import pack_layer, unpack_layer
+    packed = {}
+    for name, ql in linears.items():
         _, w, b = ql.effective()
         if ql.weight_quant is not None:
+            fp = w
             w = ql.weight_quant(w)
             ql.w_salient.copy_(ql.weight_quant.salient_cols)
+            if pack and ql.weight_quant.active:
+                classes, cls, per_column = ql.weight_quant.code_classes(fp)
+                packed[name] = pack_layer(w.detach(), classes, cls, ql.weight_quant.group_size,
+                                          None, per_column)
+                w = unpack_layer(packed[name]).to(w.device, w.dtype)   # the weights as stored
         ql.weight.data.copy_(w.to(ql.weight.dtype))
         if b is not None:
             ql.bias.data.copy_(b.to(ql.bias.dtype))
@@ -402,6 +413,7 @@ def _finalize(block, spec: FamilySpec, linears, let: LETParams | None) -> None:
     for ql in linears.values():
         ql.__dict__["let"] = None
         ql.weight_quant = None
+    return packed
 
 
 def _lwc_state(linears) -> dict[str, torch.Tensor]:
@@ -432,10 +444,11 @@ class OmniQuant(BlockMethod):
     streams = ("fp", "q")
 
     def __init__(self, q: MethodConfig, s: SpikingMode, spec: FamilySpec, batch_size: int = 8,
-                 device="cpu", log=None, act_absmax: dict[str, torch.Tensor] | None = None):
+                 device="cpu", log=None, act_absmax: dict[str, torch.Tensor] | None = None,
+                 pack: bool = False):
         super().__init__()
         self.q, self.s, self.spec, self.batch_size = q, s, spec, batch_size
-        self.device, self.log, self.act_absmax = device, log, act_absmax
+        self.device, self.log, self.act_absmax, self.pack = device, log, act_absmax, pack
         self.desc = f"omniquant W{q.wbits}A{q.abits}"
 
     def prepare(self, model: nn.Module, spec: FamilySpec) -> None:
@@ -500,7 +513,8 @@ class OmniQuant(BlockMethod):
         params = {f"{i}.lwc.{k}": v for k, v in _lwc_state(linears).items()}
         if let is not None:
             params.update({f"{i}.let.{k}": v.detach().cpu().clone() for k, v in let.named_parameters()})
-        _finalize(block, spec, linears, let)
+        for name, tensors in _finalize(block, spec, linears, let, self.pack).items():
+            params.update({f"packed.{spec.blocks}.{i}.{name}.{t}": v for t, v in tensors.items()})
         block.to(dtype)                                # back to the model's dtype (masks stay bool)
         fit_k_ranges(block, spec, BlockInputs(qh, kw), batch_size)      # (b): the folded block's K
         with torch.no_grad():

@@ -16,6 +16,7 @@ from .config import MethodConfig, NoSpiking, SpikingMode, validate
 from .gptq import gptq_solve
 from .hessian import HessianAccumulator, prepare_hessian
 from .models import FamilySpec, family_of, get_module
+from .packing import pack_layer, unpack_layer
 from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
 from .saliency import hessian_column_saliency, hessian_element_saliency
 
@@ -30,6 +31,8 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)
     #: what the method learned, per block (OmniQuant: LET scales, LWC factors, epoch losses)
     params: dict = field(default_factory=dict)
+    #: with `pack=True`: "<module path>.<tensor>" -> the packed layers' tensors (`packing`)
+    packed: dict = field(default_factory=dict)
 
 
 def _make_quantizer(q: MethodConfig, s: SpikingMode, W: torch.Tensor, U: torch.Tensor,
@@ -56,11 +59,13 @@ def _make_quantizer(q: MethodConfig, s: SpikingMode, W: torch.Tensor, U: torch.T
 
 def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: MethodConfig,
                     s: SpikingMode, seed: int = 0, log=print,
-                    saliency_diag: torch.Tensor | None = None) -> tuple[dict, LayerCost]:
+                    saliency_diag: torch.Tensor | None = None, pack: bool = False) -> tuple[dict, LayerCost]:
     """Quantize one linear in place. H [C_in, C_in] from calibration (None: RTN, no Hessian).
 
     `saliency_diag` [C_in]: diag(chol(H⁻¹)) to score saliency with instead of this H's (e.g.
-    from the full-precision model, so one set of scores serves a whole allocation sweep)."""
+    from the full-precision model, so one set of scores serves a whole allocation sweep).
+    `pack`: info["packed"] also holds the layer's codes and FP16 parameters (`packing.pack_layer`),
+    and the layer gets the weights those give (FP16-rounded scales: what a packed export stores)."""
     W = layer.weight.data
     notes = []
     on_damp = lambda msg: notes.append(f"{name}: {msg}")   # noqa: E731
@@ -73,7 +78,10 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Meth
                      on_damp=on_damp, prepared=ph)
     for n in notes:
         log(n)
-    layer.weight.data = res.Q.to(W.dtype)
+    packed = _pack(res, quantizer) if pack else None
+    # packed: the model computes with the weights as stored (FP16 scales), so the export reloads
+    # to exactly the evaluated model; dense: the solver's weights (FP32 scales)
+    layer.weight.data = (res.Q if packed is None else unpack_layer(packed).to(res.Q.device)).to(W.dtype)
     ternary = s.mode == "ternary"
     bits_per_step = s.spike_bits if ternary else (1.0 if q.method == "pbllm" else q.wbits)
     store = quantizer.storage(*W.shape)
@@ -88,8 +96,21 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Meth
                       storage_bits=storage_bits_per_weight(W.shape[0], W.shape[1], store["code_bits"],
                                                            store["fp16_params"], store["mask_bits"]),
                       scale_mults=store["scale_mults"])
-    return {"loss": res.loss, "recon_error": res.recon_error, "seconds": res.seconds,
-            "damp": res.damp, "avg_steps": float(steps.float().mean()), "notes": notes}, cost
+    info = {"loss": res.loss, "recon_error": res.recon_error, "seconds": res.seconds,
+            "damp": res.damp, "avg_steps": float(steps.float().mean()), "notes": notes}
+    if packed is not None:
+        info["packed"] = packed
+    return info, cost
+
+
+def _pack(res, quantizer) -> dict[str, torch.Tensor]:
+    """The solved layer as `packing.pack_layer` tensors (codes + FP16 parameters)."""
+    classes, cls, per_column = quantizer.code_classes()
+    if cls is not None and res.perm is not None:          # solver order -> original columns
+        inv = torch.argsort(res.perm.cpu())
+        cls = cls[inv] if per_column else cls[:, inv]
+    return pack_layer(res.Q, classes, cls, quantizer.span,
+                      None if res.perm is None else res.perm.cpu(), per_column)
 
 
 class GPTQFamily(BlockMethod):
@@ -98,10 +119,13 @@ class GPTQFamily(BlockMethod):
     Hessians come from the quantized prefix's activations (`quant.true_sequential`)."""
 
     def __init__(self, q: MethodConfig, s: SpikingMode, spec: FamilySpec, batch_size: int = 8,
-                 log=print, saliency_diags: dict | None = None, device="cpu"):
-        """`device` is where the engine runs; the solves run where each weight lives."""
+                 log=print, saliency_diags: dict | None = None, device="cpu", pack: bool = False):
+        """`device` is where the engine runs; the solves run where each weight lives. `pack`:
+        each block's result carries its layers' packed codes (`packing`) as extras
+        "packed.<module path>.<tensor>"."""
         super().__init__()
         self.q, self.s, self.spec, self.batch_size, self.log = q, s, spec, batch_size, log
+        self.pack = pack
         self.saliency_diags = saliency_diags
         self.notes: list[str] = []
         self.desc = f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}"
@@ -113,7 +137,7 @@ class GPTQFamily(BlockMethod):
         x = inputs.get("hidden")
         samples = 0 if x is None else x.hidden.shape[0]
         groups = self.spec.sequential if q.true_sequential else (self.spec.linears(),)
-        rows, costs = [], []
+        rows, costs, packed = [], [], {}
         for group in groups:
             linears = {name: get_module(block, name) for name in group}
             # linears of a sequential group share their input, hence one Hessian per group
@@ -132,7 +156,9 @@ class GPTQFamily(BlockMethod):
                 diag = None if self.saliency_diags is None else self.saliency_diags[f"{i}.{name}"]
                 info, cost = quantize_linear(f"{i}.{name}", layer, H, q, s,
                                              seed=getattr(s, "seed", 0) * 100003 + i * 101 + k, log=self.log,
-                                             saliency_diag=diag)
+                                             saliency_diag=diag, pack=self.pack)
+                for t, v in info.get("packed", {}).items():
+                    packed[f"packed.{self.spec.blocks}.{i}.{name}.{t}"] = v
                 cost.name = f"{i}.{name}"
                 costs.append(cost)
                 self.notes.extend(info["notes"])
@@ -146,7 +172,7 @@ class GPTQFamily(BlockMethod):
                                         additive_fraction=cost.additive_fraction,
                                         storage_bits=cost.storage_bits,
                                         scale_mults=cost.scale_mults))
-        return BlockResult(rows=rows, costs=costs)
+        return BlockResult(rows=rows, costs=costs, extra=packed)
 
     def baseline_ace(self, c: LayerCost) -> float:
         """ACE of the same layer on the same grid with one step everywhere (plain W-bit, or plain
@@ -190,8 +216,9 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | N
     base = sum(method.baseline_ace(c) for c in res.costs)
     total["ace_rel_baseline"] = total["ace"] / base if base else 0.0
     params = {k: v for e in res.extras for k, v in e.items()}
+    packed = {k[len("packed."):]: params.pop(k) for k in [k for k in params if k.startswith("packed.")]}
     return QuantReport(stats=res.stats, costs=res.costs, seconds=res.seconds, cost=total,
-                       notes=list(getattr(method, "notes", [])), params=params)
+                       notes=list(getattr(method, "notes", [])), params=params, packed=packed)
 
 
 def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: float = 0.01,

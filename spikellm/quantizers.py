@@ -41,6 +41,12 @@ class ColumnQuantizer:
         """Parameter groups per output row: 1 per row, or one per `span` columns."""
         return 1 if self.span <= 0 else -(-c_in // self.span)
 
+    def code_classes(self) -> tuple[list, torch.Tensor | None, bool]:
+        """After the solve: (the layer's `packing.CodeClass`es with their fitted parameters
+        [C_out, G], the class of each weight [C_out, C_in] or column [C_in] in solver column
+        order (None: one class), per_column) for `packing.pack_layer`."""
+        raise NotImplementedError  # pragma: no cover - interface
+
     def storage(self, c_out: int, c_in: int) -> dict:
         """What the quantized layer stores and multiplies, after the solve: {"code_bits": total
         bits of the codes, "fp16_params": scales/zeros/thresholds, "mask_bits": salient masks,
@@ -57,6 +63,7 @@ class UniformQuantizer(ColumnQuantizer):
         self.bits, self.sym, self.mse = bits, sym, mse
         self.span = group_size if group_size and group_size > 0 else 0
         self.maxq = 2 ** bits - 1
+        self.fitted: list[tuple[torch.Tensor, torch.Tensor]] = []   # (scale, zero) per fit
 
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [R, n] -> scale, zero [R, 1] (GPTQ's find_params, per channel)."""
@@ -91,9 +98,18 @@ class UniformQuantizer(ColumnQuantizer):
 
     def fit(self, j, cols):
         self.scale, self.zero = self._params(cols)
+        self.fitted.append((self.scale[:, 0].cpu(), self.zero[:, 0].cpu()))
 
     def quantize(self, j, w):
         return self._dq(w, self.scale[:, 0], self.zero[:, 0])
+
+    def code_class(self):
+        from .packing import CodeClass
+        return CodeClass(self.maxq + 1, "uniform", {"s": torch.stack([f[0] for f in self.fitted], 1),
+                                                     "z": torch.stack([f[1] for f in self.fitted], 1)})
+
+    def code_classes(self):
+        return [self.code_class()], None, False
 
     def storage(self, c_out, c_in):
         g = self.groups(c_in)
@@ -130,6 +146,7 @@ class TernaryGIFQuantizer(ColumnQuantizer):
         self.salient_scale = salient_scale
         self.weighted = weighted
         self.importance = None
+        self.fitted: list[tuple[torch.Tensor, torch.Tensor]] = []   # (normal, salient alpha) per fit
 
     def permute(self, perm: torch.Tensor) -> None:
         self.steps = self.steps[..., perm.cpu()]
@@ -166,14 +183,31 @@ class TernaryGIFQuantizer(ColumnQuantizer):
         salient = T > 1
         a_norm = self._search(cols, torch.ones_like(T), imp * (~salient))
         self.alpha = a_norm.unsqueeze(1).expand(-1, n).clone()
+        a_sal = a_norm
         if salient.any():
             if self.salient_scale == "own":
                 a_sal = self._search(cols, T, imp * salient)
                 self.alpha = torch.where(salient, a_sal.unsqueeze(1), self.alpha)
+        self.fitted.append((a_norm.cpu(), a_sal.cpu()))
         self.j0 = j
 
     def quantize(self, j, w):
         return ternary_quant(w, self.alpha[:, j - self.j0], self.steps[:, j].to(w.dtype))
+
+    def code_classes(self):
+        from .packing import CodeClass
+        steps = self.steps.cpu()
+        sal = sorted(set(steps.unique().tolist()) - {1})
+        if len(sal) > 1 or bool((steps < 1).any()):
+            raise ValueError(f"packing needs one salient step count; this layer has steps {sal}")
+        a_norm = torch.stack([f[0] for f in self.fitted], 1)
+        classes = [CodeClass(3, "sym", {"alpha": a_norm})]
+        if sal and self.salient_scale == "own":
+            classes.append(CodeClass(2 * sal[0] + 1, "sym", {"alpha": torch.stack([f[1] for f in self.fitted], 1)}))
+        elif sal:                                       # the normal weights' threshold, stored once
+            classes.append(CodeClass(2 * sal[0] + 1, "sym", shares=0))
+        cls = (steps > 1).long()
+        return classes, (cls[0] if self.per_column else cls), self.per_column
 
     def thresholds(self) -> int:
         """Thresholds per row and group: the normal weights' and, with salient_scale=own and any
@@ -204,8 +238,10 @@ class PBLLMQuantizer(ColumnQuantizer):
     def __init__(self, salient_frac: float = 0.05, high_bits: int = 8, group_size: int = 0):
         self.salient_frac, self.high = salient_frac, UniformQuantizer(high_bits)
         self.span = group_size if group_size and group_size > 0 else 0
+        self.fitted: list[tuple[torch.Tensor, torch.Tensor]] = []   # (mean, a) per fit
 
     def prepare(self, W, U):
+        self.fitted, self.high.fitted = [], []          # a second prepare (the solve's) starts over
         sal = hessian_element_saliency(W, U)
         k = int(round(self.salient_frac * sal.numel()))
         self.mask = torch.zeros_like(W, dtype=torch.bool)
@@ -221,6 +257,7 @@ class PBLLMQuantizer(ColumnQuantizer):
         cnt = low.sum(1).clamp_min(1)
         self.mean = (cols * low).sum(1) / cnt
         self.a = ((cols - self.mean[:, None]).abs() * low).sum(1) / cnt
+        self.fitted.append((self.mean.cpu(), self.a.cpu()))
         self.high.fit(j, cols)
 
     def fit(self, j, cols):
@@ -230,6 +267,12 @@ class PBLLMQuantizer(ColumnQuantizer):
     def quantize(self, j, w):
         binar = self.mean + self.a * torch.sign(w - self.mean)
         return torch.where(self.mask[:, j], self.high.quantize(j, w), binar)
+
+    def code_classes(self):
+        from .packing import CodeClass
+        binar = CodeClass(2, "binary", {"m": torch.stack([f[0] for f in self.fitted], 1),
+                                        "a": torch.stack([f[1] for f in self.fitted], 1)})
+        return [binar, self.high.code_class()], self.mask.long().cpu(), False
 
     def storage(self, c_out, c_in):
         k = int(self.mask.sum())

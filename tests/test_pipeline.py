@@ -206,6 +206,26 @@ def test_default_pipeline_end_to_end_reduced(tmp_path):
     assert model_dir.parent != manifest_path.parent and (model_dir.parent / "manifest.json").exists()
     for plain in (True, False):
         assert _reloaded_ppl(model_dir, plain) == pytest.approx(metrics["ppl/wikitext2"], rel=1e-6)
+    # save_format=packed (RTN W3 g64 keeps it short; every quantizer's packing: test_packing):
+    # the linears as codes in bits + FP16 scales, as large as cost/storage_bits says (within
+    # 5%), reloading to exactly the reported perplexity; a plain load fails loudly
+    from transformers import AutoModelForCausalLM
+    p = _run(REDUCED + ["quant=rtn", "quant.wbits=3", "quant.group_size=64", "spiking=none",
+                        "save_model=true", "save_format=packed"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m3 = _manifest(p)["metrics"]
+    assert m3["export/packed_layers"] == 30 * 7
+    assert m3["export/packed_bits"] == pytest.approx(m3["cost/storage_bits"], rel=0.05)
+    model_dir = Path(_manifest(p)["model_dir"])
+    # the file on disk over SmolLM2-135M's 30 x 3,538,944 linear weights
+    on_disk = (model_dir / "packed.safetensors").stat().st_size * 8 / (30 * 3_538_944)
+    assert on_disk == pytest.approx(m3["cost/storage_bits"], rel=0.05) and 3.5 <= on_disk < 3.6   # 3 + 2 x 16/64
+    assert _reloaded_ppl(model_dir, plain=False) == m3["ppl/wikitext2"]
+    with pytest.raises(ValueError, match="spikellm"):
+        AutoModelForCausalLM.from_pretrained(model_dir)
+    # a packed export needs the codes recorded while quantizing: without save_model, one line
+    p = _run(REDUCED + ["save_format=packed"], tmp_path)
+    assert p.returncode != 0 and "save_model=true" in p.stderr.strip().splitlines()[-1]
 
 
 def test_sweep_runs_shared_stages_once_logs_wandb_and_reruns_nothing(tmp_path):
