@@ -128,17 +128,35 @@ def shadowed_options() -> list[str]:
 
 def print_cfg(cfgs, which: str, resolve: bool, package: str | None) -> None:
     """`--cfg`: each point's composed config (job keys, Hydra's node, or both), YAML."""
-    for c in cfgs:
+    for i, c in enumerate(cfgs):
         node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(c).items() if not k.startswith("_")})
         if which in ("hydra", "all"):
             hydra = OmegaConf.create({"hydra": OmegaConf.to_container(_compose_raw(c._overrides).hydra)})
+            for key in ("id", "num"):        # set per job, as Hydra's basic launcher does (point i),
+                if OmegaConf.is_missing(hydra.hydra.job, key):      # so that --resolve resolves
+                    hydra.hydra.job[key] = i                        # hydra.sweep.subdir
             node = hydra if which == "hydra" else OmegaConf.merge(node, hydra)
         if package:
             sel = OmegaConf.select(node, package)
             if sel is None:
                 raise ConfigError(f"--package {package}: no such key in the composed config")
             node = sel if OmegaConf.is_config(sel) else OmegaConf.create({package: sel})
-        print(OmegaConf.to_yaml(node, resolve=resolve))
+        print(OmegaConf.to_yaml(_resolved(node) if resolve else node))
+
+
+def _resolved(node):
+    """`node` with every interpolation resolved that can be before a run; one that needs a
+    run-time value (hydra.runtime.output_dir: the run directory) stays as written."""
+    def walk(n, path):
+        if OmegaConf.is_dict(n):
+            return {k: walk(n._get_node(k), f"{path}.{k}" if path else str(k)) for k in n.keys()}
+        if OmegaConf.is_list(n):
+            return [walk(n._get_node(i), f"{path}[{i}]") for i in range(len(n))]
+        try:
+            return OmegaConf.select(node, path, throw_on_missing=True)
+        except Exception:                       # missing at compose time: keep the expression
+            return n._value()
+    return OmegaConf.create(walk(node, ""))
 
 
 def info(kind: str, cfg) -> str:

@@ -83,6 +83,12 @@ def test_hydra_flags_print_help_and_configs_as_hydra_does(tmp_path):
     assert hyd.returncode == 0 and "BasicSweeper" in hyd.stdout
     everything = _run(["--cfg", "all"], tmp_path)
     assert everything.returncode == 0 and "hydra:" in everything.stdout and "spiking:" in everything.stdout
+    # --resolve: interpolations resolved (paths.outputs, point i's hydra.job.num / sweep subdir);
+    # one that needs the run (hydra.runtime.output_dir) stays as written
+    res = _run(["--cfg", "all", "--resolve", "-m", "quant.wbits=2,3"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "${" not in res.stdout.split("hydra:")[0] and "subdir: 1" in res.stdout
+    assert "filename: ${hydra.runtime.output_dir}" in res.stdout
     info = _run(["--info", "quant=rtn"], tmp_path)
     assert info.returncode == 0, info.stderr[-2000:]
     for section in ("Config search path", "provider=main", "Defaults", "Plugins", "Config"):

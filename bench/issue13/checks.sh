@@ -33,7 +33,7 @@ check() {
 }
 
 # --- Hydra flags ----------------------------------------------------------------------------
-check "--help: groups, options, app help" "quant:" run --help
+check "--help: groups, options, app help" "^  quant " run --help
 check "--cfg job" "^quant:" run --cfg job
 check "--cfg hydra" "^hydra:" run --cfg hydra
 check "--cfg all --resolve" "outputs:" run --cfg all --resolve
@@ -58,18 +58,18 @@ check "hydra/launcher=submitit_slurm" "" run $R hydra/launcher=submitit_slurm
 check "hydra.launcher.*" "" run $R hydra.launcher.partition=gpu
 
 # --- launchers and SLURM --------------------------------------------------------------------
-check "launcher=auto says what it chose" "launcher" env PATH=/usr/bin:/bin run $R $RTN launcher=auto
+check "launcher=auto says what it chose" "launcher" env PATH=/usr/bin:/bin $PY -m pipelines.run $R $RTN launcher=auto
 check "launcher=local + a SLURM-only key" "" run $R $RTN launcher=local launcher.partition=gpu
-check "launcher=slurm with no SLURM" "" env PATH=/usr/bin:/bin run $R $RTN launcher=slurm
+check "launcher=slurm with no SLURM" "" env PATH=/usr/bin:/bin $PY -m pipelines.run $R $RTN launcher=slurm
 bash slurm/cluster.sh start > "$W/slurm.log" 2>&1
 # shellcheck disable=SC1090
 source "${SPIKELLM_SLURM_DIR:-/tmp/spikellm-slurm}/env.sh"
 check "launcher=slurm, knobs, wait (2-point sweep)" "" run -m $R $RTN quant.wbits=3,4 launcher=slurm launcher.wait=true \
-  "launcher.setup=[export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR]" launcher.cpu_jobs.mem_gb=2 "hydra.sweep.dir=$W/slurmsweep"
+  "launcher.setup=['export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR']" launcher.cpu_jobs.mem_gb=2 "hydra.sweep.dir=$W/slurmsweep"
 check "pipelines.status --latest (job ids, logs, elapsed)" "" $PY -m pipelines.status --latest "$W/out"
-check "  ... job names carry the sweep id" "" bash -c "sacct -n -X -o JobName%60 | grep -c spikellm"
 check "submit without waiting" "" run -m $R quant=gptq spiking=none quant.wbits=2,3 launcher=slurm \
-  "launcher.setup=[export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR]" "hydra.sweep.dir=$W/tocancel"
+  "launcher.setup=['export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR']" "hydra.sweep.dir=$W/tocancel"
+check "  ... queued, job names carry the sweep id" "" bash -c "squeue -h -o '%i %j %T' | sort | tr '\n' ';'"
 check "pipelines.cancel <sweep>" "" $PY -m pipelines.cancel "$W/tocancel"
 check "  ... that sweep's jobs left the queue" "" bash -c "sleep 5; squeue -h | grep -c . || true"
 bash slurm/cluster.sh stop >> "$W/slurm.log" 2>&1
@@ -79,7 +79,7 @@ check "W&B offline 2-point sweep" "results|report" run -m $R $RTN quant.wbits=3,
 check "  ... point runs carry ppl + cost + swept keys" "" $PY -c "
 import sys
 from pipelines.wandb_offline import find_runs, read_run
-runs = [read_run(f) for f in find_runs('$W/out')]
+runs = [read_run(f) for f in find_runs('$W/wbsweep')]
 pts = [r for r in runs if r['run']['job_type'] == 'point']
 print(len(pts), 'point runs;', sorted({k for r in pts for k in r['summary'] if k.startswith(('ppl/', 'cost/ace'))})[:4],
       'quant.wbits' in pts[0]['config'], [r['run']['name'] for r in runs][:3])"
@@ -88,7 +88,7 @@ check "report in headless Chromium" "" $PY bench/report_screenshot.py "$W/wbswee
 
 # --- export ---------------------------------------------------------------------------------
 check "save_model=true on a cached quantize" "export" run $R $RTN save_model=true
-check "  ... the model is in the run directory" "" bash -c "ls \$(dirname \$(ls -d $W/out/runs/*/*save_model*/model | tail -1))"
+check "  ... the model is in the run directory" "" bash -c "m=\$(ls -t $W/out/runs/*/*/manifest.json | head -1); ls \$(dirname \$m) | tr '\\n' ' '; ls \$(dirname \$m)/model | tr '\\n' ' '"
 check "W4A4 t2 packed export" "export/packed_bits" run $R quant=omniquant quant.wbits=4 quant.abits=4 quant.epochs=1 spiking=t2 \
   eval.fp_baseline=false save_model=true save_format=packed
 check "  ... reloaded ppl (load_quantized) vs reported; plain load" "" $PY -c "
