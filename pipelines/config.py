@@ -331,14 +331,20 @@ def point_values(point: list[str], keys: list[str]) -> dict[str, str]:
     return {k: d[k] for k in keys if k in d}
 
 
+#: overrides that say where or how a run is executed and logged, not what it computes: left out
+#: of run names (a run directory named after paths.outputs=... helps no one)
+NOT_IN_NAME = ("paths.", "progress", "logger", "launcher", "hydra.", "save_model", "name")
+
+
 def run_name(cfg: DictConfig) -> str:
-    """A readable name: the group choices that differ from defaults, then the overrides."""
+    """A readable name: the group choices, then the overrides of what the run computes."""
     if cfg.name:
         return str(cfg.name)
     parts = [cfg._choices["model"], cfg._choices["quant"], cfg._choices["spiking"]]
     if cfg._choices.get("experiment"):
         parts.insert(0, cfg._choices["experiment"])
-    extra = [o for o in cfg._overrides if o.split("=")[0] not in GROUPS]
+    extra = [o for o in cfg._overrides if o.split("=")[0] not in GROUPS
+             and not o.lstrip("+~").startswith(NOT_IN_NAME)]
     parts += [o.replace("=", "") .replace("/", "_") for o in extra]
     return "-".join(str(p) for p in parts)[:120]
 

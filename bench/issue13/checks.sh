@@ -26,9 +26,9 @@ check() {
   local line
   if [ -n "$pat" ]; then line=$(grep -E -- "$pat" "$log" | tail -1); else line=$(grep -v '^\s*$' "$log" | grep -v 'Loading weights' | tail -1); fi
   line=${line//|/\\|}
-  local cmd="${*#$PY -m }"
-  cmd=${cmd//$W/\$W}; cmd=${cmd//$R/\$R}
-  rows+=("| $name | \`${cmd:0:160}\` | $rc | ${line:0:220} |")
+  local cmd="$*"; cmd=${cmd/#run /python -m pipelines.run }; cmd=${cmd//$PY/python}
+  cmd=${cmd//$R/\$R}; cmd=${cmd//$RTN/\$RTN}; cmd=${cmd//$W/\$W}; cmd=${cmd//|/\\|}
+  rows+=("| $name | \`${cmd:0:240}\` | $rc | ${line:0:240} |")
   echo "[$rc] $name: ${line:0:160}" >&2
 }
 
@@ -96,7 +96,7 @@ import glob, json, sys
 sys.path.insert(0, 'tests')
 from pathlib import Path
 from test_pipeline import _reloaded_ppl
-m = [json.load(open(f)) for f in sorted(glob.glob('$W/out/runs/*/*/manifest.json')) if 'save_format' in f]
+m = [m for m in (json.load(open(f)) for f in sorted(glob.glob('$W/out/runs/*/*/manifest.json'))) if m['config']['save_format'] == 'packed']
 m = m[-1]
 r = _reloaded_ppl(Path(m['model_dir']), plain=False)
 try:
@@ -111,7 +111,11 @@ check "save_format=packed without save_model" "" run $R save_format=packed
 check "eval.tasks: a task lm-eval knows, offline" "" run $R $RTN "eval.tasks=[mmlu_anatomy]"
 check "eval.tasks: an unknown task" "" run $R $RTN "eval.tasks=[no_such_task]"
 check "eval.num_fewshot + acc_stderr + lm-eval JSON" "results:" run $R $RTN "eval.tasks=[arc_easy]" eval.limit=8 eval.num_fewshot=1
-check "  ... in the manifest and the artifact" "" bash -c "m=\$(ls -t $W/out/runs/*/*/manifest.json | head -1); $PY -c \"import json; m=json.load(open('\$m')); print({k: round(v, 4) for k, v in m['metrics'].items() if 'arc_easy' in k})\"; ls $W/out/cache/evaluate/*/ | grep -i lm_eval | head -1"
+check "  ... in the manifest and the artifact" "" $PY -c "
+import glob, json, os
+f = max(glob.glob('$W/out/runs/*/*/manifest.json'), key=os.path.getmtime)
+m = json.load(open(f))
+print({k: round(v, 4) for k, v in m['metrics'].items() if 'arc_easy' in k}, [os.path.basename(p) for p in glob.glob('$W/out/cache/evaluate/*/lm_eval*')][:1])"
 
 # --- progress --------------------------------------------------------------------------------
 check "per-block bar (RTN) and one line per stage" "stage quantize" run paths.outputs=$W/out2 calib.nsamples=4 calib.seqlen=128 eval.seqlen=128 eval.max_windows=2 $RTN logger=none
@@ -119,7 +123,7 @@ check "per-block bar (RTN) and one line per stage" "stage quantize" run paths.ou
 {
   echo "# Issue 13 checks ($(date -u +%F), $(git rev-parse --short HEAD))"
   echo
-  echo "Produced by \`bash bench/issue13/checks.sh\`; \$R = \`$R\` (\$W = $W)."
+  echo "Produced by \`bash bench/issue13/checks.sh\`; \$R = \`$R\`, \$RTN = \`$RTN\` (\$W = $W)."
   echo
   echo "| check | command | exit | output (last line, or the line that answers) |"
   echo "|---|---|---|---|"
