@@ -49,7 +49,7 @@ check "--config-dir: a user's model/mymodel.yaml" "name:" run -cd "$W/userconf" 
 check "hydra.searchpath" "name:" run "hydra.searchpath=[file://$W/userconf]" model=mymodel --cfg job --package model
 check "hydra.run.dir (a real RTN run)" "results:" run $R $RTN "hydra.run.dir=$W/myrun"
 check "  ... the run directory is it" "" ls "$W/myrun"
-check "hydra.sweep.dir (-m, 2 points)" "" run -m $R $RTN quant.wbits=3,4 "hydra.sweep.dir=$W/mysweep"
+check "hydra.sweep.dir (-m, 2 points)" "stages (done|cached)" run -m $R $RTN quant.wbits=3,4 "hydra.sweep.dir=$W/mysweep"
 check "  ... point n in <sweep.dir>/<n>" "" ls "$W/mysweep"
 check "hydra.run.dir with -m" "" run -m $R "hydra.run.dir=$W/x" quant.wbits=3,4
 check "~key (deletion)" "" run $R "~eval.tasks"
@@ -64,9 +64,9 @@ check "launcher=slurm with no SLURM" "" env PATH=/usr/bin:/bin $PY -m pipelines.
 bash slurm/cluster.sh start > "$W/slurm.log" 2>&1
 # shellcheck disable=SC1090
 source "${SPIKELLM_SLURM_DIR:-/tmp/spikellm-slurm}/env.sh"
-check "launcher=slurm, knobs, wait (2-point sweep)" "" run -m $R $RTN quant.wbits=3,4 launcher=slurm launcher.wait=true \
+check "launcher=slurm, knobs, wait (2-point sweep)" "stages (done|cached)|error" run -m $R quant=rtn spiking=none quant.wbits=2,5 launcher=slurm launcher.wait=true \
   "launcher.setup=['export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR']" launcher.cpu_jobs.mem_gb=2 "hydra.sweep.dir=$W/slurmsweep"
-check "pipelines.status --latest (job ids, logs, elapsed)" "" $PY -m pipelines.status --latest "$W/out"
+check "pipelines.status --latest (job ids, logs, elapsed)" "quantize|total" $PY -m pipelines.status --latest "$W/out"
 check "submit without waiting" "" run -m $R quant=gptq spiking=none quant.wbits=2,3 launcher=slurm \
   "launcher.setup=['export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR']" "hydra.sweep.dir=$W/tocancel"
 check "  ... queued, job names carry the sweep id" "" bash -c "squeue -h -o '%i %j %T' | sort | tr '\n' ';'"
@@ -75,14 +75,14 @@ check "  ... that sweep's jobs left the queue" "" bash -c "sleep 5; squeue -h | 
 bash slurm/cluster.sh stop >> "$W/slurm.log" 2>&1
 
 # --- W&B, report ----------------------------------------------------------------------------
-check "W&B offline 2-point sweep" "results|report" run -m $R $RTN quant.wbits=3,4 logger=wandb "hydra.sweep.dir=$W/wbsweep"
+check "W&B offline 2-point sweep" "stages (done|cached)" run -m $R $RTN quant.wbits=3,4 logger=wandb "hydra.sweep.dir=$W/wbsweep"
 check "  ... point runs carry ppl + cost + swept keys" "" $PY -c "
 import sys
 from pipelines.wandb_offline import find_runs, read_run
 runs = [read_run(f) for f in find_runs('$W/wbsweep')]
 pts = [r for r in runs if r['run']['job_type'] == 'point']
-print(len(pts), 'point runs;', sorted({k for r in pts for k in r['summary'] if k.startswith(('ppl/', 'cost/ace'))})[:4],
-      'quant.wbits' in pts[0]['config'], [r['run']['name'] for r in runs][:3])"
+print(len(pts), 'point runs:', [(r['run']['name'], round(r['summary']['ppl/wikitext2'], 2), round(r['summary']['cost/ace_rel_fp16'], 4),
+      r['config'].get('quant.wbits')) for r in pts], '; stage runs:', sorted({r['run']['name'] for r in runs if r['run']['job_type'] != 'point'}))"
 check "report: matplotlib PNGs next to the HTML" "" bash -c "$PY -m pipelines.report $W/wbsweep > /dev/null && ls $W/wbsweep | grep -E 'png|html' | tr '\n' ' '"
 check "report in headless Chromium" "" $PY bench/report_screenshot.py "$W/wbsweep" "$W/report.png"
 
@@ -118,7 +118,7 @@ m = json.load(open(f))
 print({k: round(v, 4) for k, v in m['metrics'].items() if 'arc_easy' in k}, [os.path.basename(p) for p in glob.glob('$W/out/cache/evaluate/*/lm_eval*')][:1])"
 
 # --- progress --------------------------------------------------------------------------------
-check "per-block bar (RTN) and one line per stage" "stage quantize" run paths.outputs=$W/out2 calib.nsamples=4 calib.seqlen=128 eval.seqlen=128 eval.max_windows=2 $RTN logger=none
+check "per-block bar (RTN) and one line per stage" "" bash -c "$PY -m pipelines.run paths.outputs=$W/out2 calib.nsamples=4 calib.seqlen=128 eval.seqlen=128 eval.max_windows=2 $RTN logger=none 2>&1 | tr '\\r' '\\n' | grep -E '^rtn: +100%|stage quantize' | tail -2 | tr '\\n' ' '"
 
 {
   echo "# Issue 13 checks ($(date -u +%F), $(git rev-parse --short HEAD))"
