@@ -212,6 +212,8 @@ def validate(cfg: Any) -> None:
         (c.save_format in ("dense", "packed"), "save_format", "dense or packed", c.save_format),
         (c.save_format == "dense" or c.save_model, "save_format",
          "dense unless save_model=true (packed is a format of the export: add save_model=true)", c.save_format),
+        (c.save_format == "dense" or c.quant.wbits < 16, "save_format",
+         "dense when the weights stay at 16 bits (nothing to pack: quant.wbits < 16)", c.save_format),
         (c.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "float32, float16 or bfloat16", c.model.dtype),
         (c.calib.dataset in DATASETS, "calib.dataset", f"one of {', '.join(DATASETS)}", c.calib.dataset),
         (c.calib.nsamples >= 1, "calib.nsamples", ">= 1", c.calib.nsamples),
