@@ -147,16 +147,23 @@ def print_cfg(cfgs, which: str, resolve: bool, package: str | None) -> None:
 def _resolved(node):
     """`node` with every interpolation resolved that can be before a run; one that needs a
     run-time value (hydra.runtime.output_dir: the run directory) stays as written."""
-    def walk(n, path):
+    try:
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    except Exception:           # some value is known only at run time: resolve node by node
+        pass
+
+    def walk(n):
+        if n._is_interpolation():
+            try:
+                n = n._maybe_dereference_node(throw_on_resolution_failure=True)
+            except Exception:                   # missing at compose time: keep the expression
+                return n._value()
         if OmegaConf.is_dict(n):
-            return {k: walk(n._get_node(k), f"{path}.{k}" if path else str(k)) for k in n.keys()}
+            return {k: walk(n._get_node(k)) for k in n.keys()}
         if OmegaConf.is_list(n):
-            return [walk(n._get_node(i), f"{path}[{i}]") for i in range(len(n))]
-        try:
-            return OmegaConf.select(node, path, throw_on_missing=True)
-        except Exception:                       # missing at compose time: keep the expression
-            return n._value()
-    return OmegaConf.create(walk(node, ""))
+            return [walk(n._get_node(i)) for i in range(len(n))]
+        return n._value()
+    return OmegaConf.create(walk(node))
 
 
 def info(kind: str, cfg) -> str:

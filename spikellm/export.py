@@ -178,7 +178,7 @@ def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device:
         hf_logging.set_verbosity(level)
     model.eval()
     if qc.get("packed"):
-        unpack_into(model, directory / qc["packed"]["file"])
+        unpack_into(model, directory / qc["packed"]["file"], qc["packed"].get("weight_dtype"))
     spec = family_of(model)
     restore_quantized(model, spec, q, s, directory)
     model.to(device)
@@ -195,6 +195,7 @@ def pack_checkpoint(directory: str | os.PathLike, packed_file: str | os.PathLike
     a plain transformers load would lack those weights, so it fails with the unknown-type error).
     Shards are rewritten as new files (never through a hard link).
     -> {"layers", "bytes" (of packed.safetensors), "params" (weights packed), "bits_per_weight"}."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from .packing import layer_meta, split_layers
@@ -202,19 +203,22 @@ def pack_checkpoint(directory: str | os.PathLike, packed_file: str | os.PathLike
     layers = split_layers(load_file(str(packed_file)))
     drop = {f"{name}.weight" for name in layers}
     index = directory / "model.safetensors.index.json"
-    shards = sorted(directory.glob("*.safetensors"))
+    shards = sorted(p for p in directory.glob("*.safetensors") if p.name != PACKED_FILE)
     weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
-    found = set()
-    for shard in shards:
-        tensors = load_file(str(shard))
-        kept = {k: v for k, v in tensors.items() if k not in drop}
-        found |= set(tensors) & drop
-        if len(kept) != len(tensors):
-            tmp = shard.with_name(shard.name + ".tmp")
-            save_file(kept, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, shard)
+    keys, dtypes = {}, set()
+    for shard in shards:                         # check everything before changing anything
+        with safe_open(str(shard), "pt") as f:
+            keys[shard] = set(f.keys()) & drop
+            dtypes |= {str(f.get_slice(k).get_dtype()) for k in keys[shard]}
+    found = set().union(*keys.values()) if keys else set()
     if found != drop:
         raise ValueError(f"{packed_file} packs layers the checkpoint lacks (e.g. {sorted(drop - found)[0]})")
+    for shard in shards:
+        if keys[shard]:
+            tensors = load_file(str(shard))
+            tmp = shard.with_name(shard.name + ".tmp")
+            save_file({k: v for k, v in tensors.items() if k not in drop}, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, shard)               # a new file: a hard-linked original stays intact
     if weight_map is not None:
         weight_map = {k: v for k, v in weight_map.items() if k not in drop}
         raw = json.loads(index.read_text())
@@ -223,15 +227,20 @@ def pack_checkpoint(directory: str | os.PathLike, packed_file: str | os.PathLike
         tmp.write_text(json.dumps(raw, indent=2))
         os.replace(tmp, index)
     target = directory / PACKED_FILE
+    tmp = target.with_name(target.name + ".tmp")
     try:
-        os.link(packed_file, target)
+        os.link(packed_file, tmp)
     except OSError:
-        shutil.copy2(packed_file, target)
+        shutil.copy2(packed_file, tmp)
+    os.replace(tmp, target)
     params = sum(layer_meta(t)["shape"][0] * layer_meta(t)["shape"][1] for t in layers.values())
     nbytes = target.stat().st_size
     path = directory / "config.json"
     raw = json.loads(path.read_text())
-    raw["quantization_config"]["packed"] = {"file": PACKED_FILE, "layers": len(layers), "params": params}
+    # the dtype the dense weights had (the model's): unpacking rounds to it, as the run did
+    weight_dtype = dtypes.pop() if len(dtypes) == 1 else None
+    raw["quantization_config"]["packed"] = {"file": PACKED_FILE, "layers": len(layers), "params": params,
+                                            "weight_dtype": weight_dtype}
     raw["model_type"] = MODEL_TYPE
     raw["_load_with"] = "import spikellm; spikellm.load_quantized(path)  (the linear weights are packed)"
     tmp = path.with_name(path.name + ".tmp")
@@ -240,17 +249,25 @@ def pack_checkpoint(directory: str | os.PathLike, packed_file: str | os.PathLike
     return {"layers": len(layers), "bytes": nbytes, "params": params, "bits_per_weight": 8 * nbytes / params}
 
 
-def unpack_into(model: nn.Module, packed_file: str | os.PathLike) -> int:
-    """Set every packed linear's weight of `model` from `packed_file`; returns the layer count."""
+#: safetensors' dtype names -> torch dtypes (the packed weights' original dtype)
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def unpack_into(model: nn.Module, packed_file: str | os.PathLike, weight_dtype: str | None = None) -> int:
+    """Set every packed linear's weight of `model` from `packed_file`, rounded first to
+    `weight_dtype` (the dtype the quantized model computed in, a safetensors name such as F16),
+    so that loading in another dtype gives what a dense export would; returns the layer count."""
     import torch
     from safetensors.torch import load_file
 
     from .packing import split_layers, unpack_layer
     layers = split_layers(load_file(str(packed_file)))
+    via = getattr(torch, _ST_DTYPES[weight_dtype]) if weight_dtype in _ST_DTYPES else None
     with torch.no_grad():
         for name, t in layers.items():
             w = model.get_submodule(name).weight
-            w.data = unpack_layer(t).to(w.dtype)
+            u = unpack_layer(t)
+            w.data = (u if via is None else u.to(via)).to(w.dtype)
     return len(layers)
 
 

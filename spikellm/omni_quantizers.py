@@ -181,15 +181,19 @@ class LWCWeightQuantizer(nn.Module):
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
         return w.reshape(-1, self.group_size) if self.group_size else w
 
-    def _range(self, wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grouped weights [R, n] -> scale, zero [R, 1] of the (LWC-clipped) min-max range."""
+    def _clipped(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped weights [R, n] -> the (LWC-clipped) range wmin, wmax [R, 1]."""
         wmax, wmin = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
         if self.lwc:
             wmax = torch.sigmoid(self.upbound_factor) * wmax
             wmin = torch.sigmoid(self.lowbound_factor) * wmin
+        return wmin, wmax
+
+    def _range(self, wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped weights [R, n] -> scale, zero [R, 1] of the clipped range on 2**bits levels."""
         # the zero point is rounded without a gradient (OmniQuant's quantizer.py: `.round()`):
         # LWC learns through the scale and the STE rounding of w/scale only
-        return range_params(wmin, wmax, bits)
+        return range_params(*self._clipped(wg), bits)
 
     def _quant(self, wg: torch.Tensor, bits: int) -> torch.Tensor:
         scale, zero = self._range(wg, bits)
@@ -199,15 +203,14 @@ class LWCWeightQuantizer(nn.Module):
     def code_classes(self, w: torch.Tensor) -> tuple[list, torch.Tensor | None, bool]:
         """The grids `forward(w)` quantizes with, for `packing.pack_layer`: class 0 the
         `bits`-bit grid, class 1 (when any column is salient) the bits+addbit grid of the salient
-        columns; scale and zero per row and group [C_out, G]."""
+        columns, both over one clipped range (lo, hi) per row and group [C_out, G], stored once
+        (as `storage_bits` counts it)."""
         from .packing import CodeClass
         rows = w.shape[0]
-        wg = self._grouped(w.float())
-        out = []
-        for bits in (self.bits, self.bits + self.addbit)[: 1 + bool(self.salient_cols.any())]:
-            scale, zero = self._range(wg, bits)
-            out.append(CodeClass(2 ** bits, "uniform", {"s": scale.reshape(rows, -1).cpu(),
-                                                         "z": zero.reshape(rows, -1).cpu()}))
+        lo, hi = self._clipped(self._grouped(w.float()))
+        out = [CodeClass(2 ** self.bits, "range", {"lo": lo.reshape(rows, -1).cpu(), "hi": hi.reshape(rows, -1).cpu()})]
+        if bool(self.salient_cols.any()):
+            out.append(CodeClass(2 ** (self.bits + self.addbit), "range", shares=0))
         cls = self.salient_cols.long().cpu() if len(out) > 1 else None
         return out, cls, True
 

@@ -105,8 +105,10 @@ class UniformQuantizer(ColumnQuantizer):
 
     def code_class(self):
         from .packing import CodeClass
-        return CodeClass(self.maxq + 1, "uniform", {"s": torch.stack([f[0] for f in self.fitted], 1),
-                                                     "z": torch.stack([f[1] for f in self.fitted], 1)})
+        s = torch.stack([f[0] for f in self.fitted], 1)
+        if self.sym:                      # GPTQ's symmetric zero point is one constant, (maxq + 1) / 2
+            return CodeClass(self.maxq + 1, "uniform", {"s": s}, consts={"z": (self.maxq + 1) / 2})
+        return CodeClass(self.maxq + 1, "uniform", {"s": s, "z": torch.stack([f[1] for f in self.fitted], 1)})
 
     def code_classes(self):
         return [self.code_class()], None, False
