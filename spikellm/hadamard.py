@@ -1,0 +1,130 @@
+"""Hadamard matrices of the sizes LLaMA-family models use, and their fast transform (the rotation
+of QuaRot, Ashkboos et al. 2024; issue "Rotations").
+
+A Hadamard matrix H of order n has entries ±1 and H Hᵀ = n I; H / √n is orthogonal. Orders that
+are not powers of two are built as a Kronecker product H_m ⊗ H_{2^k} of a Paley matrix H_m and
+Sylvester's H_{2^k}:
+
+- Sylvester: H_1 = [1], H_{2n} = [[H, H], [H, −H]].
+- Paley I (q prime, q ≡ 3 mod 4): order q + 1, H = I + S with S = [[0, 1ᵀ], [−1, Q]], Q the
+  Jacobsthal matrix Q_ij = χ(j − i) (χ the quadratic character mod q). H_12 from q = 11.
+- Paley II (q prime, q ≡ 1 mod 4): order 2(q + 1), from the symmetric conference matrix
+  C = [[0, 1ᵀ], [1, Q]]: H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]. H_36 from q = 17.
+
+SmolLM2-135M: hidden 576 = 36 · 16, intermediate 1536 = 12 · 128, head 64 = 2^6. LLaMA:
+4096 = 2^12, 5120 = 20 · 256, 8192 = 2^13, 13824 = 108 · 128, 14336 = 28 · 512, 28672 = 28 · 1024,
+and 11008 = 5504 · 2 (5503 is a prime ≡ 3 mod 4; QuaRot uses 172 · 64 from a table of known
+matrices, which this module does not have: its H_5504 costs an [5504, 5504] product per row).
+Where no split exists, `hadamard` raises and `rotation_matrix` falls back to a seeded random
+orthogonal matrix and says so.
+
+`hadamard(n)` -> H [n, n] (±1, float64); `hadamard_transform(x)` applies x @ (H / √n) along the
+last axis in O(n log n + n m) without building H; `rotation_matrix(n, seed)` -> an orthogonal
+[n, n] (H / √n times a seeded random ±1 diagonal, QuaRot's randomized Hadamard) and its kind.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q [q, q], Q_ij = χ(j − i): +1 for a nonzero square mod q, −1 for a non-square, 0 on i = j."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    return chi[idx]
+
+
+def paley_order(m: int) -> tuple[str, int] | None:
+    """('I', q) or ('II', q) when a Paley construction gives order m, else None."""
+    if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return "I", m - 1
+    if m % 4 == 0 and m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return "II", m // 2 - 1
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _paley(m: int) -> torch.Tensor:
+    kind, q = paley_order(m)
+    Q = _jacobsthal(q)
+    ones = torch.ones(1, q, dtype=torch.float64)
+    if kind == "I":
+        S = torch.cat([torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones], 1),
+                       torch.cat([-ones.t(), Q], 1)], 0)
+        return torch.eye(q + 1, dtype=torch.float64) + S
+    C = torch.cat([torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones], 1),
+                   torch.cat([ones.t(), Q], 1)], 0)
+    A = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    B = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(C, A) + torch.kron(torch.eye(q + 1, dtype=torch.float64), B)
+
+
+def split_order(n: int) -> tuple[int, int] | None:
+    """n = m · 2^k with m = 1, 2 or a Paley order (the largest power of two that leaves one)
+    -> (m, 2^k), or None when no such split exists."""
+    p = n & -n                                   # largest power of two dividing n
+    while p >= 1:
+        m = n // p
+        if m in (1, 2) or paley_order(m) is not None:
+            return m, p
+        p //= 2
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard(n: int) -> torch.Tensor:
+    """A Hadamard matrix of order n (entries ±1, H Hᵀ = n I), float64. ValueError when n has
+    no split m · 2^k with a known H_m (`split_order`)."""
+    split = split_order(n)
+    if split is None:
+        raise ValueError(f"no Hadamard matrix of order {n} from Sylvester x Paley; "
+                         f"use rotation_matrix(n), which falls back to a random orthogonal one")
+    m, p = split
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < p:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    Hm = torch.ones(1, 1, dtype=torch.float64) if m == 1 else \
+        torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) if m == 2 else _paley(m)
+    return torch.kron(Hm, H)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] -> x @ (H_n / √n), H_n = H_m ⊗ H_{2^k} as `hadamard(n)`: a butterfly over the
+    2^k axis and one [m, m] product, in x's dtype (computed in float32 at least)."""
+    n = x.shape[-1]
+    split = split_order(n)
+    if split is None:
+        raise ValueError(f"no Hadamard transform of size {n} (see hadamard)")
+    m, p = split
+    dtype = x.dtype
+    y = x.to(torch.promote_types(dtype, torch.float32)).reshape(*x.shape[:-1], m, p)
+    h = 1
+    while h < p:                                 # Walsh-Hadamard butterfly on the last axis
+        y = y.reshape(*y.shape[:-1], p // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], m, p)
+        h *= 2
+    if m > 1:                                    # (H_m ⊗ H_p): rows of x index (i, j) as i·p + j
+        Hm = hadamard(m).to(y.dtype) if m > 2 else torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=y.dtype)
+        y = torch.einsum("ij,...ik->...jk", Hm.to(y.device), y)
+    return (y.reshape(x.shape) / n ** 0.5).to(dtype)
+
+
+def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """An orthogonal [n, n] float64 rotation -> (R, kind): kind "hadamard" for (H_n / √n) · D
+    with D a seeded random ±1 diagonal (QuaRot's randomized Hadamard), or "random_orthogonal"
+    (QR of a seeded Gaussian, signs fixed) where no Hadamard order n is known."""
+    g = torch.Generator().manual_seed(seed)
+    if split_order(n) is not None:
+        signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+        return hadamard(n) / n ** 0.5 * signs[None, :], "hadamard"
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    return Q * torch.sign(torch.diagonal(R))[None, :], "random_orthogonal"
