@@ -212,12 +212,17 @@ def test_default_pipeline_end_to_end_reduced(tmp_path):
     assert model_dir.parent != manifest_path.parent and (model_dir.parent / "manifest.json").exists()
     for plain in (True, False):
         assert _reloaded_ppl(model_dir, plain) == pytest.approx(metrics["ppl/wikitext2"], rel=1e-6)
-    # save_format=packed (RTN W3 g64 keeps it short; every quantizer's packing: test_packing):
-    # the linears as codes in bits + FP16 scales, as large as cost/storage_bits says (within
-    # 5%), reloading to exactly the reported perplexity; a plain load fails loudly
+
+
+@pytest.mark.slow
+def test_packed_export_of_the_embedded_model_is_storage_bits_large_and_reloads_exactly(tmp_path):
+    """save_format=packed through the CLI on the real embedded model (RTN W3 g64 keeps it short;
+    every quantizer's packing: test_packing; both pipelines on tiny models: test_export): the
+    linears as codes in bits + FP16 scales, as large as cost/storage_bits says (within 5%),
+    reloading to exactly the reported perplexity; a plain load fails loudly."""
     from transformers import AutoModelForCausalLM
     p = _run(REDUCED + ["quant=rtn", "quant.wbits=3", "quant.group_size=64", "spiking=none",
-                        "save_model=true", "save_format=packed"], tmp_path)
+                        "eval.fp_baseline=false", "save_model=true", "save_format=packed"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     m3 = _manifest(p)["metrics"]
     assert m3["export/packed_layers"] == 30 * 7
