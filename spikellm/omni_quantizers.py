@@ -207,12 +207,18 @@ class LWCWeightQuantizer(nn.Module):
         (as `storage_bits` counts it)."""
         from .packing import CodeClass
         rows = w.shape[0]
-        lo, hi = self._clipped(self._grouped(w.float()))
-        out = [CodeClass(2 ** self.bits, "range", {"lo": lo.reshape(rows, -1).cpu(), "hi": hi.reshape(rows, -1).cpu()})]
-        if bool(self.salient_cols.any()):
-            out.append(CodeClass(2 ** (self.bits + self.addbit), "range", shares=0))
-        cls = self.salient_cols.long().cpu() if len(out) > 1 else None
-        return out, cls, True
+        wg = self._grouped(w.float())
+        if not bool(self.salient_cols.any()):         # one grid: its scale and exact zero point
+            scale, zero = self._range(wg, self.bits)
+            return [CodeClass(2 ** self.bits, "uniform", {"s": scale.reshape(rows, -1).cpu(),
+                                                          "z": zero.reshape(rows, -1).cpu()})], None, True
+        # two grids over one range: the range, stored once; both zero points are re-derived
+        # from its FP16 value (in a group where that moves a zero point by one code, the stored
+        # model differs from the FP32 run by more than scale rounding; it is what is evaluated)
+        lo, hi = self._clipped(wg)
+        out = [CodeClass(2 ** self.bits, "range", {"lo": lo.reshape(rows, -1).cpu(), "hi": hi.reshape(rows, -1).cpu()}),
+               CodeClass(2 ** (self.bits + self.addbit), "range", shares=0)]
+        return out, self.salient_cols.long().cpu(), True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.active:

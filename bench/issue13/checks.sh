@@ -66,7 +66,8 @@ bash slurm/cluster.sh start > "$W/slurm.log" 2>&1
 source "${SPIKELLM_SLURM_DIR:-/tmp/spikellm-slurm}/env.sh"
 check "launcher=slurm, knobs, wait (2-point sweep)" "stages (done|cached)|error" run -m $R quant=rtn spiking=none quant.wbits=2,5 launcher=slurm launcher.wait=true \
   "launcher.setup=['export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR']" launcher.cpu_jobs.mem_gb=2 "hydra.sweep.dir=$W/slurmsweep"
-check "pipelines.status --latest (job ids, logs, elapsed)" "quantize|total" $PY -m pipelines.status --latest "$W/out"
+check "pipelines.status <sweep> (job ids, logs, elapsed)" "quantize" $PY -m pipelines.status "$W/slurmsweep"
+check "pipelines.status --latest" "total" $PY -m pipelines.status --latest "$W/out"
 check "submit without waiting" "" run -m $R quant=gptq spiking=none quant.wbits=2,3 launcher=slurm \
   "launcher.setup=['export SPIKELLM_DATA_DIR=$SPIKELLM_DATA_DIR']" "hydra.sweep.dir=$W/tocancel"
 check "  ... queued, job names carry the sweep id" "" bash -c "squeue -h -o '%i %j %T' | sort | tr '\n' ';'"
