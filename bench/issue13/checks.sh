@@ -27,7 +27,7 @@ check() {
   if [ -n "$pat" ]; then line=$(grep -E -- "$pat" "$log" | tail -1); else line=$(grep -v '^\s*$' "$log" | grep -v 'Loading weights' | tail -1); fi
   line=${line//|/\\|}
   local cmd="$*"; cmd=${cmd/#run /python -m pipelines.run }; cmd=${cmd//$PY/python}
-  cmd=${cmd//$R/\$R}; cmd=${cmd//$RTN/\$RTN}; cmd=${cmd//$W/\$W}; cmd=${cmd//|/\\|}
+  cmd=${cmd//$R/\$R}; cmd=${cmd//$RTN/\$RTN}; cmd=${cmd//$W/\$W}; cmd=${cmd//|/\\|}; cmd=${cmd//$'\n'/ }
   rows+=("| $name | \`${cmd:0:240}\` | $rc | ${line:0:240} |")
   echo "[$rc] $name: ${line:0:160}" >&2
 }
