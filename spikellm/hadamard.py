@@ -67,12 +67,12 @@ def _paley(m: int) -> torch.Tensor:
 
 
 def split_order(n: int) -> tuple[int, int] | None:
-    """n = m · 2^k with m = 1, 2 or a Paley order (the largest power of two that leaves one)
+    """n = m · 2^k with m = 1 or a Paley order (the largest power of two that leaves one)
     -> (m, 2^k), or None when no such split exists."""
     p = n & -n                                   # largest power of two dividing n
     while p >= 1:
         m = n // p
-        if m in (1, 2) or paley_order(m) is not None:
+        if m == 1 or paley_order(m) is not None:
             return m, p
         p //= 2
     return None
@@ -90,9 +90,7 @@ def hadamard(n: int) -> torch.Tensor:
     H = torch.ones(1, 1, dtype=torch.float64)
     while H.shape[0] < p:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    Hm = torch.ones(1, 1, dtype=torch.float64) if m == 1 else \
-        torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) if m == 2 else _paley(m)
-    return torch.kron(Hm, H)
+    return H if m == 1 else torch.kron(_paley(m), H)        # split_order: m is 1 or a Paley order
 
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +110,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], m, p)
         h *= 2
     if m > 1:                                    # (H_m ⊗ H_p): rows of x index (i, j) as i·p + j
-        Hm = hadamard(m).to(y.dtype) if m > 2 else torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=y.dtype)
-        y = torch.einsum("ij,...ik->...jk", Hm.to(y.device), y)
+        y = torch.einsum("ij,...ik->...jk", _paley(m).to(y.device, y.dtype), y)
     return (y.reshape(x.shape) / n ** 0.5).to(dtype)
 
 
