@@ -14,7 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from omegaconf import DictConfig, OmegaConf
 
-from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, unknown_key
+from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, Rotation, unknown_key
 
 from .schema import typed, validate
 
@@ -29,12 +29,13 @@ def register_schemas() -> None:
     for group, table in (("quant", QUANT_CONFIGS), ("spiking", SPIKING_CONFIGS)):
         for name, cls in table.items():
             cs.store(group=group, name=f"schema_{name}", node=cls)
+    cs.store(group="rotate", name="schema_rotate", node=Rotation)
 
 
 register_schemas()
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "quant", "spiking", "calib", "eval", "logger", "launcher", "experiment")
+GROUPS = ("model", "quant", "spiking", "rotate", "calib", "eval", "logger", "launcher", "experiment")
 
 
 class ConfigError(ValueError):
@@ -341,6 +342,8 @@ def run_name(cfg: DictConfig) -> str:
     if cfg.name:
         return str(cfg.name)
     parts = [cfg._choices["model"], cfg._choices["quant"], cfg._choices["spiking"]]
+    if cfg._choices.get("rotate") not in (None, "none"):
+        parts.append(f"rotate_{cfg._choices['rotate']}")
     if cfg._choices.get("experiment"):
         parts.insert(0, cfg._choices["experiment"])
     extra = [o for o in cfg._overrides if o.split("=")[0] not in GROUPS

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from spikellm.data import resolve_data_dir, source_file
 
 from .fingerprint import code_digest, file_digest, library_versions, model_identity
-from .schema import method_objects
+from .schema import method_objects, rotation_object
 from .store import content_key
 from .zeroshot import TASK_FILES
 
@@ -92,13 +92,19 @@ def _method_keys(cfg) -> dict:
     (spikellm.config), minus those the config itself calls moot (`key()`), so no key list is kept
     by hand and another method's keys cannot reach the key."""
     q, s = method_configs(cfg)
-    return {"quant": q.key(), "spiking": s.key()}
+    r = rotation_config(cfg)
+    return {"quant": q.key(), "spiking": s.key(), **({"rotate": r.key()} if r.active else {})}
 
 
 def method_configs(cfg):
     """The typed quant/spiking configs a stage computes with (`spikellm.config` instances): the
     values its key hashes."""
     return method_objects(cfg)
+
+
+def rotation_config(cfg):
+    """The typed rotation (`spikellm.config.Rotation`) a quantize stage runs first."""
+    return rotation_object(cfg)
 
 
 #: what a method config `needs()` -> the stage that computes it

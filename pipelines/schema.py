@@ -7,7 +7,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from spikellm.allocation import EnergyModel
-from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, unknown_key
+from spikellm.config import QUANT_CONFIGS, SPIKING_CONFIGS, Rotation, unknown_key
 from spikellm.config import validate as validate_method
 from spikellm.data import DATASETS, SPLITS, CalibSpec, dataset_name, is_text_file, resolve_data_dir
 
@@ -185,6 +185,8 @@ class RunCfg:
     quant: Any = None
     #: the chosen spiking mode's typed config (spikellm.config.SPIKING_CONFIGS[spiking.mode])
     spiking: Any = None
+    #: the rotation before the method (spikellm.config.Rotation: none | hadamard)
+    rotate: Rotation = field(default_factory=Rotation)
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalCfg = field(default_factory=EvalCfg)
     paths: PathsCfg = field(default_factory=PathsCfg)
@@ -262,7 +264,7 @@ def validate(cfg: Any) -> None:
     for ok, key, allowed, value in checks:
         if not ok:
             raise ValueError(f"{key}={value!r} is invalid: must be {allowed}")
-    validate_method(*method_objects(c))
+    validate_method(*method_objects(c), rotation_object(c))
 
 
 def _method_schema(cfg, group: str, tag: str, table: dict[str, type], default: str):
@@ -295,6 +297,16 @@ def method_objects(cfg):
     q = OmegaConf.to_container(cfg.quant, resolve=True)
     s = OmegaConf.to_container(cfg.spiking, resolve=True)
     return QuantConfig(**q), SpikingConfig(**s)
+
+
+def rotation_object(cfg):
+    """The rotation of a composed config as a `spikellm.config.Rotation` (none when the config
+    predates the rotate group)."""
+    node = OmegaConf.select(cfg, "rotate")
+    if node is None:
+        return Rotation()
+    r = OmegaConf.to_container(node, resolve=True)
+    return Rotation(mode=str(r.get("mode", "none")), seed=int(r.get("seed", 0)))
 
 
 class PreflightError(RuntimeError):

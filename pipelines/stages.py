@@ -26,7 +26,7 @@ from spikellm.models import LoadedModel, blocks_of, load_model, resolve_source
 from spikellm.quantize import fp_saliency_diagonals, quantize
 
 from .artifacts import Artifact
-from .dag import method_configs
+from .dag import method_configs, rotation_config
 from .schema import eval_gpus
 
 
@@ -132,7 +132,8 @@ def quantize_stage(cfg, deps: dict[str, Artifact], out: Path, checkpoint: Path |
         return _streamed_quantize(cfg, deps, out, checkpoint, on_block)
     lm = load(cfg)
     metrics = _quantize_and_report(cfg, deps, out, lm.model, checkpoint, "", on_block=on_block)
-    save_file(_block_tensors(lm), str(out / "weights.safetensors"))
+    outside = json.loads((out / "outside.json").read_text())
+    save_file(_block_tensors(lm, outside), str(out / "weights.safetensors"))
     return metrics
 
 
@@ -149,11 +150,13 @@ def _quantize_and_report(cfg, deps: dict[str, Artifact], out: Path, model, check
     if "act_stats" in deps:
         options["act_absmax"] = load_file(str(deps["act_stats"].file("act_scales.safetensors")))
     q, s = method_configs(cfg)
-    say(f"quantizing {cfg.model.name}{origin}: {q.describe()}, spiking={s.describe() or s.mode} "
-        f"on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
+    r = rotation_config(cfg)
+    say(f"quantizing {cfg.model.name}{origin}: {q.describe()}, spiking={s.describe() or s.mode}"
+        f"{', ' + r.describe() if r.active else ''} on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     report = quantize(model, calib.to(device), q, s, batch_size=cfg.batch_size, device=device,
                       progress=cfg.progress, log=say, checkpoint_dir=checkpoint, stream=stream,
-                      on_block=on_block, pack=cfg.save_format == "packed", **options)
+                      on_block=on_block, pack=cfg.save_format == "packed", rotate=r, **options)
+    out.joinpath("outside.json").write_text(json.dumps(report.outside))
     (out / "module_stats.json").write_text(json.dumps([r.row() for r in report.stats], indent=1))
     _write_layer_costs(out, report.costs)
     (out / "notes.json").write_text(json.dumps(report.notes))
@@ -223,12 +226,17 @@ def _write_layer_costs(out: Path, costs: list) -> None:
     (out / "layer_costs.json").write_text(json.dumps([c.row() for c in costs], indent=1))
 
 
-def _block_tensors(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    """Every tensor of every block (parameters and buffers such as the salient masks)."""
+def _block_tensors(lm: LoadedModel, outside: list[str] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of every block (parameters and buffers such as the salient masks), and of
+    the modules outside the blocks that the run changed (`outside`: a rotation's embeddings,
+    head and final norm)."""
     out = {}
     for i, block in enumerate(blocks_of(lm.model, lm.spec)):
         for k, v in block.state_dict().items():
             out[f"{lm.spec.blocks}.{i}.{k}"] = v.detach().contiguous().cpu()
+    for name in outside:
+        for k, v in lm.model.get_submodule(name).state_dict().items():
+            out[f"{name}.{k}"] = v.detach().contiguous().cpu().clone()
     return out
 
 
@@ -318,7 +326,7 @@ def _streamed_ppl(cfg, checkpoint, tag: str) -> dict:
     from spikellm.streaming import open_streaming
     stream = open_streaming(checkpoint, None, cfg.model.dtype, resolve_device(cfg.device))
     if tag != "fp":
-        make_method(*method_configs(cfg), stream.spec).restore_for_inference(stream.model)
+        make_method(*method_configs(cfg), stream.spec, rotation_config(cfg)).restore_for_inference(stream.model)
     lm = LoadedModel(stream.model, _tokenizer(cfg), str(checkpoint), stream.spec)
     try:
         return _ppl(cfg, lm, tag, stream)
@@ -336,10 +344,10 @@ def _quantized_model(cfg, q: Artifact) -> LoadedModel:
     if not q.file("weights.safetensors").exists():   # streamed: model/ is the quantized checkpoint
         lm = load_model(str(q.file("model")), cfg.model.dtype, resolve_device(cfg.device),
                         _device_map(cfg, whole_model=True))
-        restore_quantized(lm.model, lm.spec, *method_configs(cfg), q.file("model"))
+        restore_quantized(lm.model, lm.spec, *method_configs(cfg), q.file("model"), rotation_config(cfg))
         return lm
     lm = load(cfg, whole_model=True)
-    make_method(*method_configs(cfg), lm.spec).restore_for_inference(lm.model)
+    make_method(*method_configs(cfg), lm.spec, rotation_config(cfg)).restore_for_inference(lm.model)
     weights = load_file(str(q.file("weights.safetensors")))
     missing = lm.model.load_state_dict(
         {k: v if v.dtype == torch.bool else v.to(lm.model.dtype) for k, v in weights.items()},
@@ -367,13 +375,14 @@ def export(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     t0 = time.time()
     q = deps["quantize"]
     qcfg, scfg = method_configs(cfg)
+    rcfg = rotation_config(cfg)
     if q.file("weights.safetensors").exists():
         lm = _quantized_model(cfg, q)
-        save_quantized(lm.model, lm.tokenizer, qcfg, scfg, out / "model")
+        save_quantized(lm.model, lm.tokenizer, qcfg, scfg, out / "model", rotate=rcfg)
         del lm
     else:
         link_checkpoint(q.file("model"), out / "model")
-        mark_quantized(out / "model", qcfg, scfg)
+        mark_quantized(out / "model", qcfg, scfg, rotate=rcfg)
     metrics = {}
     if cfg.save_format == "packed":
         packed = q.file("packed.safetensors")

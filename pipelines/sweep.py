@@ -238,9 +238,18 @@ def print_table(manifest: dict, path: Path) -> None:
     if qc["method"] == "omniquant" and qc.get("abits", 16) < 16:
         axis = qc.get("k_axis", "token")
         extra = f"  K={axis}" + (" (NON-CAUSAL: per channel over the window)" if axis == "channel" else "")
+    acts = ""
+    if qc.get("abits", 16) < 16:
+        acts = f", abits={qc['abits']}"
+        if qc["method"] != "omniquant":
+            kv = qc.get("kv_bits") or qc["abits"]
+            acts += f", kv_bits={kv}, a_clip={qc.get('a_clip', 1.0):g}, kv_clip={qc.get('kv_clip', 1.0):g}"
+    rot = cfg.get("rotate") or {}
+    if rot.get("mode", "none") != "none":
+        extra += f"  rotate={rot['mode']} (seed {rot.get('seed', 0)})"
     split = cfg.get("eval", {}).get("split", "test")
     print(f"\nspikellm  model={cfg['model']['name']}  quant={manifest['choices']['quant']} "
-          f"(wbits={qc['wbits']}, group={qc['group_size'] or 'per-channel'})  "
+          f"(wbits={qc['wbits']}{acts}, group={qc['group_size'] or 'per-channel'})  "
           f"spiking={spiking}{extra}  eval={split}")
     m = manifest["metrics"]
     width = max(len(k) for k in m)

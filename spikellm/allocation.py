@@ -74,9 +74,21 @@ class LayerCost:
     storage_bits: float = 16.0
     #: FP16 multiplies per output and token by a scale / zero point (one per row and group)
     scale_mults: float = 0.0
+    #: an operation the quantized model adds that the FP16 reference lacks and that holds no
+    #: weights (a rotation's online Hadamard: c_out outputs of c_in signed adds each): counted in
+    #: ACE and energy, left out of equal steps, storage bits and the FP16 reference
+    overhead: bool = False
 
     def row(self) -> dict:
         return asdict(self)
+
+
+def transform_cost(name: str, n: int, adds_per_output: float, act_bits: float = 16.0) -> LayerCost:
+    """An online transform without weights (a ±1 matrix, e.g. a Hadamard transform) over `n`
+    values of `act_bits` bits, each output `adds_per_output` signed additions: ACE
+    n · adds · act_bits (a ±1 'weight' is one bit), additive, no FP16 counterpart."""
+    return LayerCost(name, int(n), 0, 1.0, float(n * adds_per_output * act_bits), 0.0, 1.0,
+                     float(act_bits), 0.0, 0.0, overhead=True)
 
 
 def layer_cost(name: str, c_out: int, c_in: int, steps: torch.Tensor, bits_per_step: float,
@@ -112,14 +124,18 @@ def storage_bits_per_weight(c_out: int, c_in: int, code_bits: float, fp16_params
 
 
 def total_cost(layers: list[LayerCost]) -> dict[str, float]:
-    """Totals over layers, weighted by parameter count."""
+    """Totals over layers, weighted by parameter count; overhead rows (`transform_cost`) add
+    their ACE to `ace` (and `overhead_ace`) and nothing else."""
+    extra = [layer for layer in layers if layer.overhead]
+    layers = [layer for layer in layers if not layer.overhead]
     params = sum(layer.c_out * layer.c_in for layer in layers)
     if params == 0:
         return {"avg_steps": 1.0, "ace": 0.0, "ace_rel_fp16": 0.0, "additive_fraction": 0.0,
                 "storage_bits": 16.0}
-    ace = sum(layer.ace for layer in layers)
+    overhead = sum(layer.ace for layer in extra)
+    ace = sum(layer.ace for layer in layers) + overhead
     fp16 = sum(layer.fp16_ace for layer in layers)
-    return {
+    return {**({"overhead_ace": overhead} if extra else {}),
         "avg_steps": sum(layer.avg_steps * layer.c_out * layer.c_in for layer in layers) / params,
         "ace": ace,
         "ace_rel_fp16": ace / fp16,
@@ -146,7 +162,12 @@ class EnergyModel:
 
 
 def layer_energy(c: LayerCost, e: EnergyModel) -> tuple[float, float]:
-    """-> (energy, FP16-reference energy) of one layer per token, in pJ."""
+    """-> (energy, FP16-reference energy) of one layer per token, in pJ. An overhead row
+    (`transform_cost`: c_out outputs, ace / (c_out · act_bits) adds each) costs its adds and has
+    no FP16 counterpart."""
+    if c.overhead:
+        adds = c.ace / max(c.act_bits, 1.0)
+        return adds * (e.fp_add if c.act_bits >= 16 else e.int_add), 0.0
     macs = c.c_out * c.c_in
     step_macs = macs * c.avg_steps
     if c.act_bits >= 16:

@@ -11,7 +11,9 @@ says have no effect in its current state (`_moot`: e.g. the selection seed under
     GPTQConfig(wbits=3, group_size=64)               # RTNConfig, PBLLMConfig alike
     OmniQuantConfig(wbits=4, abits=4, epochs=20)
     TernarySpiking(ratio=0.2, steps=3)               # GPTQ pipeline (rtn/gptq)
-    GIFSpiking(ratio=0.1, addbit=1)                  # OmniQuant pipeline (t2)
+    GIFSpiking(ratio=0.1, addbit=1)                  # OmniQuant pipeline (t2), or rtn/gptq with abits < 16
+    GPTQConfig(wbits=4, abits=4, group_size=0)       # W4A4KV4 (with Rotation("hadamard"): QuaRot-GPTQ)
+    Rotation(mode="hadamard", seed=0)                # QuaRot's rotation before any method
 """
 from __future__ import annotations
 
@@ -128,6 +130,11 @@ class _Checked:
                 self._fail(name, allowed)
 
 
+class RotateMode(StrEnum):
+    none = "none"
+    hadamard = "hadamard"
+
+
 _ENUMS = {"method": Method, "select": Select, "k_axis": KAxis, "nan_policy": NanPolicy,
           "salient_scale": SalientScale, "granularity": Granularity,
           "saliency_from": SaliencyFrom, "target": Target}
@@ -157,13 +164,43 @@ class _GPTQFamily(_Checked):
 class _UniformGrid(_GPTQFamily):
     wbits: int = doc(4, "bits of the uniform weight grid (moot with spiking=ternary: the spikes set the grid)")
     sym: bool = doc(False, "symmetric grid (zero point at the middle code)")
-    mse: bool = doc(False, "search the clipping range that minimises the grid's squared error")
+    mse: bool = doc(False, "search the clipping range that minimises the grid's squared error "
+                           "(QuaRot's --w_clip)")
+    abits: int = doc(16, "bits of every block linear's input, per token, asymmetric (16 = unquantized); "
+                         "< 16 also quantizes the KV cache (kv_bits)")
+    a_clip: float = doc(1.0, "activation clip ratio: per-token range [a_clip·min, a_clip·max] (QuaRot: 0.9)")
+    kv_bits: Optional[int] = doc(None, "bits of K and V per token and head (None = abits; Q stays unquantized)")
+    kv_clip: float = doc(1.0, "K/V clip ratio (QuaRot: 0.95)")
 
     def check(self) -> None:
-        self._require([(1 <= self.wbits <= 16, "wbits", "an integer in 1..16"), *self._family_checks()])
+        self._require([(1 <= self.wbits <= 16, "wbits", "an integer in 1..16"),
+                       (2 <= self.abits <= 16, "abits", "an integer in 2..16 (16 = activations unquantized)"),
+                       (0 < self.a_clip <= 1, "a_clip", "in (0, 1]"),
+                       (0 < self.kv_clip <= 1, "kv_clip", "in (0, 1]"),
+                       (self.kv_bits is None or 2 <= self.kv_bits <= 16, "kv_bits",
+                        "null (= abits) or an integer in 2..16"),
+                       (self.kv_bits is None or self.kv_bits == 16 or self.abits < 16, "kv_bits",
+                        "null or 16 while quant.abits=16 (the KV cache is quantized with the activations: "
+                        "set quant.abits too)"),
+                       *self._family_checks()])
+
+    @property
+    def act_quant(self) -> bool:
+        """True when activations (and the KV cache) are quantized (abits < 16)."""
+        return self.abits < 16
+
+    @property
+    def kv(self) -> int:
+        """Bits of K and V (kv_bits, or abits)."""
+        return self.abits if self.kv_bits is None else self.kv_bits
+
+    def _moot(self):
+        # unquantized activations: their clip ratios and the KV bits change nothing
+        return ("a_clip", "kv_bits", "kv_clip") if not self.act_quant else ()
 
     def describe(self) -> str:
-        return f"{self.method} W{self.wbits} " + (f"g{self.group_size}" if self.group_size else "per row")
+        acts = f"A{self.abits}KV{self.kv}" if self.act_quant else ""
+        return f"{self.method} W{self.wbits}{acts} " + (f"g{self.group_size}" if self.group_size else "per row")
 
 
 @dataclass(kw_only=True)
@@ -329,11 +366,13 @@ class TernarySpiking(_Checked):
 
 @dataclass(kw_only=True)
 class GIFSpiking(_Checked):
-    """SpikeLLM GIF spiking in the OmniQuant pipeline (t2: ratio 0.1, addbit 1; t4: 0.05, 2): the
-    salient channels get 2**addbit GIF steps, i.e. bits + addbit over the same range; salient
-    K/V channels 2**kv_addbit. What spikes follows `target`."""
+    """SpikeLLM GIF spiking (t2: ratio 0.1, addbit 1; t4: 0.05, 2): the salient channels get
+    2**addbit GIF steps, i.e. bits + addbit over the same range; salient K/V channels
+    2**kv_addbit. What spikes follows `target`. Runs in the OmniQuant pipeline, and in the GPTQ
+    pipeline (rtn, gptq) on quantized activations (quant.abits < 16: activations and K/V spike;
+    the weights stay on GPTQ's grid)."""
     group: ClassVar[str] = "spiking"
-    methods: ClassVar[tuple[str, ...]] = ("omniquant",)
+    methods: ClassVar[tuple[str, ...]] = ("omniquant", "rtn", "gptq")
     mode: str = doc("gif", "gif")
     ratio: float = doc(0.1, "fraction of channels that spike with more steps")
     addbit: int = doc(1, "salient channels get 2**addbit GIF steps")
@@ -363,11 +402,15 @@ class GIFSpiking(_Checked):
         return f"gif {self.ratio:g} x {self.steps} steps ({self.target}, {self.select})"
 
     def spikes_acts(self, q) -> bool:
+        if q.method != Method.omniquant:      # the GPTQ pipeline spikes activations only
+            return True
         if self.target == Target.auto:
             return not q.wbits < q.abits
         return self.target in (Target.act, Target.both)
 
     def spikes_weights(self, q) -> bool:
+        if q.method != Method.omniquant:
+            return False
         if self.target == Target.auto:
             return q.wbits < q.abits
         return self.target in (Target.weight, Target.both)
@@ -415,11 +458,60 @@ def SpikingConfig(mode: str = "none", **kw) -> SpikingMode:  # noqa: N802
     return _build(SPIKING_CONFIGS, "spiking", "mode", str(mode), kw)
 
 
-def validate(q, s) -> None:
-    """The cross-check of a (method, spiking) pair (each config checked its own fields when it
-    was built). Raise ValueError naming the key and the fix."""
+@dataclass(kw_only=True)
+class Rotation(_Checked):
+    """A rotation of the model before its method runs (`spikellm.rotation`): `none`, or
+    `hadamard`, QuaRot's (Ashkboos et al. 2024): RMSNorm scales folded into the next linears, the
+    residual stream rotated by a seeded randomized Hadamard matrix, online Hadamards before
+    down_proj and o_proj, V/O rotated per head, Q/K rotated after RoPE. The rotated model
+    computes the same function; its quantizers see activations without outlier channels."""
+    group: ClassVar[str] = "rotate"
+    mode: RotateMode = doc(RotateMode.none, "none or hadamard (QuaRot)")
+    seed: int = doc(0, "seed of the random ±1 diagonal of the residual rotation")
+
+    def __post_init__(self):
+        if not isinstance(self.mode, RotateMode):
+            if str(self.mode) not in RotateMode.__members__:
+                raise ValueError(f"rotate.mode={self.mode!r} is invalid: must be one of "
+                                 f"{', '.join(RotateMode.__members__)}")
+            self.mode = RotateMode(str(self.mode))
+        super().__post_init__()
+
+    @property
+    def active(self) -> bool:
+        return self.mode != RotateMode.none
+
+    def check(self) -> None:
+        self._require([(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0")])
+
+    def _moot(self):
+        return ("seed",) if not self.active else ()
+
+    def describe(self) -> str:
+        return f"rotate={self.mode}" + (f" (seed {self.seed})" if self.active else "")
+
+
+def validate(q, s, r: Rotation | None = None) -> None:
+    """The cross-check of a (method, spiking[, rotation]) triple (each config checked its own
+    fields when it was built). Raise ValueError naming the key and the fix."""
     q.check()
     s.check()
+    if q.method in ("rtn", "gptq") and s.mode == "gif":
+        if not q.act_quant:
+            raise ValueError(f"spiking={s.mode!r} with quant={q.method} spikes activations and the KV "
+                             f"cache: set quant.abits < 16 (spiking weights with GIF steps run in "
+                             f"quant=omniquant)")
+        if s.target not in (Target.auto, Target.act):
+            raise ValueError(f"spiking.target={s.target.value!r} is invalid with quant={q.method}: must be "
+                             f"auto or act (GIF weight spiking runs in quant=omniquant; ternary "
+                             f"spiking weights are spiking=ternary)")
+    if q.method in ("rtn", "gptq") and s.mode == "ternary" and q.act_quant:
+        raise ValueError("spiking='ternary' with quant.abits < 16 is not supported: ternary spiking "
+                         "weights run with full-precision activations (set quant.abits=16)")
+    if r is not None and r.active and q.method == "omniquant" and q.let:
+        raise ValueError("rotate=hadamard with quant=omniquant needs quant.let=false: the rotation is "
+                         "the equivalent transformation of the rotated run (rotation + LWC); LET's "
+                         "scales would be learned on top of it")
     if q.method not in s.methods:
         if s.mode == "gif":
             allowed = f"ternary or none with quant={q.method} (spiking=t2/t4 need quant=omniquant)"

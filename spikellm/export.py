@@ -55,7 +55,7 @@ def _tensor_names(directory: Path) -> set[str]:
         reader.close()
 
 
-def _tensor_names_of(config, q=None, s=None) -> set[str]:
+def _tensor_names_of(config, q=None, s=None, rotate=None) -> set[str]:
     """The tensor names of the plain architecture of `config` (built on meta, no memory), or,
     with `q`/`s`, of that architecture with the method's runtime modules restored."""
     from .footprint import meta_model
@@ -63,15 +63,16 @@ def _tensor_names_of(config, q=None, s=None) -> set[str]:
     from .models import family_of
     model = meta_model(config)
     if q is not None:
-        make_method(q, s, family_of(model)).restore_for_inference(model)
+        make_method(q, s, family_of(model), rotate).restore_for_inference(model)
     return set(model.state_dict())
 
 
-def mark_quantized(directory: str | os.PathLike, q, s) -> dict:
-    """Write the `quantization_config` of method `q` / spiking mode `s` into the config.json of
-    a saved checkpoint `directory` (its shards as written from the quantized model); with
-    runtime tensors (tensors the plain architecture lacks) its model_type becomes `spikellm`.
-    Returns the quantization_config."""
+def mark_quantized(directory: str | os.PathLike, q, s, rotate=None) -> dict:
+    """Write the `quantization_config` of method `q` / spiking mode `s` (and `rotate`, a
+    `config.Rotation`) into the config.json of a saved checkpoint `directory` (its shards as
+    written from the quantized model); with runtime tensors (tensors the plain architecture
+    lacks) or a rotation (online Hadamards, which transformers alone would not apply) its
+    model_type becomes `spikellm`. Returns the quantization_config."""
     from transformers import AutoConfig
     directory = Path(directory)
     path = directory / "config.json"
@@ -82,18 +83,22 @@ def mark_quantized(directory: str | os.PathLike, q, s) -> dict:
     base = _tensor_names_of(config)
     saved = _tensor_names(directory)
     runtime = sorted(saved - base)
-    expected = _tensor_names_of(config, q, s) - base
+    expected = _tensor_names_of(config, q, s, rotate) - base
     if set(runtime) != expected:
         odd = sorted(set(runtime) ^ expected)
         raise ValueError(f"the tensors in {directory} are not those of quant={q.method} spiking={s.mode} "
                          f"(e.g. {odd[0]}): pass the configs the model was quantized with")
+    rotated = rotate is not None and rotate.active
     qc = {"quant_method": QUANT_METHOD, "format": FORMAT, "quant": _fields(q), "spiking": _fields(s),
           "runtime_tensors": len(runtime), "base_model_type": raw["model_type"]}
+    if rotated:
+        qc["rotate"] = _fields(rotate)
     raw["quantization_config"] = qc
-    if runtime:
+    if runtime or rotated:
         raw["model_type"] = MODEL_TYPE
         raw["_load_with"] = "import spikellm; spikellm.load_quantized(path)  (transformers alone " \
-                            "would drop the activation/KV quantizers)"
+                            "would drop the " + ("online Hadamard rotations" if rotated and not runtime
+                                                 else "activation/KV quantizers") + ")"
     tmp = path.with_name(path.name + ".tmp")      # a new file: never writes through a hard link
     tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -101,14 +106,15 @@ def mark_quantized(directory: str | os.PathLike, q, s) -> dict:
 
 
 def save_quantized(model: nn.Module, tokenizer, q, s, directory: str | os.PathLike,
-                   max_shard_size: str = "5GB") -> dict:
-    """Save a model quantized by `spikellm.quantize(model, ..., q, s)` (or restored for inference
-    from such a run) as a faithful checkpoint in `directory`. Returns its quantization_config."""
+                   max_shard_size: str = "5GB", rotate=None) -> dict:
+    """Save a model quantized by `spikellm.quantize(model, ..., q, s, rotate=...)` (or restored
+    for inference from such a run) as a faithful checkpoint in `directory`. Returns its
+    quantization_config."""
     directory = Path(directory)
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return mark_quantized(directory, q, s)
+    return mark_quantized(directory, q, s, rotate)
 
 
 def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -145,7 +151,7 @@ def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .config import QuantConfig, SpikingConfig
+    from .config import QuantConfig, Rotation, SpikingConfig
     from .methods import restore_quantized
     from .models import _DTYPES, LoadedModel, family_of
 
@@ -160,6 +166,7 @@ def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device:
     quant, spiking = dict(qc["quant"]), dict(qc["spiking"])
     q = QuantConfig(quant.pop("method"), **quant)
     s = SpikingConfig(spiking.pop("mode"), **spiking)
+    r = Rotation(**qc["rotate"]) if qc.get("rotate") else None
     raw = json.loads((directory / "config.json").read_text())
     raw.pop("quantization_config")
     raw.pop("_load_with", None)
@@ -180,7 +187,7 @@ def load_quantized(directory: str | os.PathLike, dtype: str = "float32", device:
     if qc.get("packed"):
         unpack_into(model, directory / qc["packed"]["file"], qc["packed"].get("weight_dtype"))
     spec = family_of(model)
-    restore_quantized(model, spec, q, s, directory)
+    restore_quantized(model, spec, q, s, directory, r)
     model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(directory), spec=spec)
 

@@ -42,9 +42,14 @@ def range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[tor
     return scale, zero
 
 
-def per_token_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max range over the last dim: x [..., C] -> scale, zero_point [..., 1]."""
-    return range_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits)
+def per_token_params(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max range over the last dim: x [..., C] -> scale, zero_point [..., 1].
+    `clip` < 1 shrinks the range to [clip·min, clip·max] (QuaRot's clip ratio; values outside
+    clamp to the end codes)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    if clip != 1.0:
+        lo, hi = lo * clip, hi * clip
+    return range_params(lo, hi, bits)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -72,18 +77,19 @@ def spike_train(codes: torch.Tensor, levels: int, steps: int) -> torch.Tensor:
 
 
 def gif_fake_quant(x: torch.Tensor, bits: int, salient: torch.Tensor | None = None,
-                   addbit: int = 1) -> torch.Tensor:
+                   addbit: int = 1, clip: float = 1.0) -> torch.Tensor:
     """SpikeLLM activation GIF (fake-quant form): per-token asymmetric `bits` on normal
-    channels, `bits+addbit` (2**addbit GIF steps) on salient channels over the same range.
+    channels, `bits+addbit` (2**addbit GIF steps) on salient channels over the same range
+    ([clip·min, clip·max] per token, `per_token_params`).
 
     x [..., C]; salient: bool [C] or None.
     """
-    scale, zero = per_token_params(x, bits)
+    scale, zero = per_token_params(x, bits, clip)
     xq = fake_quant(x, scale, zero, 2 ** bits - 1)
     if salient is None or not bool(salient.any()):
         return xq
     hb = bits + addbit
-    hscale, hzero = per_token_params(x, hb)
+    hscale, hzero = per_token_params(x, hb, clip)
     xh = fake_quant(x, hscale, hzero, 2 ** hb - 1)
     return torch.where(salient, xh, xq)
 

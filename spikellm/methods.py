@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Callable
 
 from .blockwise import BlockMethod
-from .config import MethodConfig, SpikingMode
+from .config import MethodConfig, Rotation, SpikingMode
 from .models import FamilySpec
 from .omniquant import OmniQuant
 from .quantize import GPTQFamily
+from .rotation import Rotated
 
 #: quant.method -> a factory (q, s, spec, **options) -> BlockMethod
 METHODS: dict[str, Callable[..., BlockMethod]] = {}
@@ -27,22 +28,29 @@ for _name in ("rtn", "gptq", "pbllm"):
 register("omniquant", OmniQuant)
 
 
-def make_method(q: MethodConfig, s: SpikingMode, spec: FamilySpec, **options) -> BlockMethod:
+def make_method(q: MethodConfig, s: SpikingMode, spec: FamilySpec, rotate: Rotation | None = None,
+                **options) -> BlockMethod:
     """The plug-in for `q.method`, built with `options` (batch_size, device, log, and the
-    method's own, e.g. saliency_diags for the GPTQ family, act_absmax for OmniQuant)."""
+    method's own, e.g. saliency_diags for the GPTQ family, act_absmax for OmniQuant); with an
+    active `rotate`, wrapped in the rotation plug-in (`rotation.Rotated`), which rotates each
+    block before the method sees it."""
     if q.method not in METHODS:
         raise ValueError(f"quant.method={q.method!r} is invalid: must be one of {', '.join(METHODS)}")
-    return METHODS[q.method](q, s, spec, **options)
+    method = METHODS[q.method](q, s, spec, **options)
+    if rotate is not None and rotate.active:
+        method = Rotated(method, rotate.seed, spec, log=options.get("log"))
+    return method
 
 
-def restore_quantized(model, spec: FamilySpec, q: MethodConfig, s: SpikingMode, directory) -> None:
+def restore_quantized(model, spec: FamilySpec, q: MethodConfig, s: SpikingMode, directory,
+                      rotate: Rotation | None = None) -> None:
     """Finish loading a streamed quantized checkpoint (`directory`, safetensors shards) that
     `from_pretrained` loaded as weights only: the method's runtime modules are rebuilt
     (`BlockMethod.restore_for_inference`) and the tensors they own (salient masks, K ranges)
     are read from the shards."""
     from .streaming import ShardReader
     before = set(model.state_dict())
-    make_method(q, s, spec).restore_for_inference(model)
+    make_method(q, s, spec, rotate).restore_for_inference(model)
     added = set(model.state_dict()) - before
     if not added:
         return

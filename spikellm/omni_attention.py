@@ -4,7 +4,8 @@ transformers' LLaMA-family attention computes Q, K, V (after RoPE) and hands the
 from its attention registry. We register one, "spikellm", that quantizes the operands of the two
 bilinear products when the attention module carries a `KVQuantizer` (method.md §3.2, §4):
 
-- Q: b bits per token per head (over head_dim), no spiking;
+- Q: b bits per token per head (over head_dim), no spiking (`q_bits`: 16 leaves Q unquantized,
+  as QuaRot, which quantizes only the KV cache);
 - K: b bits, salient (kv-head, channel) pairs with 2 GIF steps, on one of three axes
   (`quant.k_axis`, `K_AXES`):
   * "token" (default, OmniQuant): per token per head over head_dim, dynamic; causal;
@@ -15,6 +16,11 @@ bilinear products when the attention module carries a `KVQuantizer` (method.md �
     calibration set (`StaticRangeActQuantizer`); causal, realizable with a KV cache;
 - V: b bits per token per head, salient channels with 2 GIF steps;
 - softmax P: unquantized.
+
+On a rotated model (`rotation`: the attention module has `qk_hadamard`), Q and K are first
+multiplied by the normalized Hadamard matrix of head_dim after RoPE (QuaRot's Q/K rotation:
+Q Kᵀ is unchanged, K is quantized without its outlier channels). K and V ranges may be clipped
+(`clip`: [clip·min, clip·max] per token and head, QuaRot's KV clip ratio).
 
 Attention modules without a `kv_quant` attribute run plain eager attention. With
 `collect=True` the quantizer accumulates the KV saliency of the full-precision operands instead.
@@ -43,18 +49,20 @@ class KVQuantizer(nn.Module):
     channel) ranges (`StaticRangeActQuantizer`, fitted with `begin_k_fit`/`end_k_fit`)."""
 
     def __init__(self, bits: int, kv_heads: int, head_dim: int, k_axis: str = "token",
-                 kv_addbit: int = 1):
+                 kv_addbit: int = 1, q_bits: int | None = None, clip: float = 1.0):
+        """`bits` of K and V; `q_bits` of Q (None: `bits`; 16: Q unquantized); `clip`: the K/V
+        clip ratio of the dynamic (token, channel) axes."""
         super().__init__()
         if k_axis not in K_AXES:
             raise ValueError(f"quant.k_axis={k_axis!r} is invalid: must be one of {', '.join(K_AXES)}")
         self.k_axis, self.kv_heads, self.head_dim = k_axis, kv_heads, head_dim
-        self.q = GIFActQuantizer(bits, (1,), addbit=0)
+        self.q = GIFActQuantizer(bits if q_bits is None else q_bits, (1,), addbit=0)
         if k_axis == "channel_static":
             self.k = StaticRangeActQuantizer(bits, (kv_heads, 1, head_dim), addbit=kv_addbit)
         else:
             k_shape = (kv_heads, head_dim, 1) if k_axis == "channel" else (kv_heads, 1, head_dim)
-            self.k = GIFActQuantizer(bits, k_shape, addbit=kv_addbit)
-        self.v = GIFActQuantizer(bits, (kv_heads, 1, head_dim), addbit=kv_addbit)
+            self.k = GIFActQuantizer(bits, k_shape, addbit=kv_addbit, clip=clip)
+        self.v = GIFActQuantizer(bits, (kv_heads, 1, head_dim), addbit=kv_addbit, clip=clip)
         self.collect = False
         self._sal = {"k": None, "v": None}
         self._batches = 0
@@ -136,6 +144,9 @@ def spiking_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     returns (output [b,l,h,d], probs [b,h,l,s])."""
     kvq: KVQuantizer | None = getattr(module, "kv_quant", None)
     n_rep = query.shape[1] // key.shape[1]
+    if getattr(module, "qk_hadamard", False):          # rotated model: Q, K in the Hadamard basis
+        from .hadamard import hadamard_transform
+        query, key = hadamard_transform(query), hadamard_transform(key)
     if kvq is not None and not kvq.collect:
         query, key, value = kvq.quant_q(query), kvq.quant_k(key), kvq.quant_v(value)
     k_rep, v_rep = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)

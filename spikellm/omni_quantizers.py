@@ -33,14 +33,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class GIFActQuantizer(nn.Module):
     """x [..., C] -> fake-quantized x. `salient`: bool buffer of `mask_shape`, broadcast
-    against x ([C] for a linear input; all False = plain b-bit).
+    against x ([C] for a linear input; all False = plain b-bit). `clip` in (0, 1]: the range
+    per token is [clip·min, clip·max] (QuaRot's activation clip ratio; 1 = min-max).
 
     The reduction axis is always the last one: pass a transposed view to quantize over another
     axis (K per channel over tokens, method.md §3.2, with mask shape [heads, d, 1])."""
 
-    def __init__(self, bits: int, mask_shape: int | tuple[int, ...], addbit: int = 1):
+    def __init__(self, bits: int, mask_shape: int | tuple[int, ...], addbit: int = 1,
+                 clip: float = 1.0):
         super().__init__()
-        self.bits, self.addbit = int(bits), int(addbit)
+        self.bits, self.addbit, self.clip = int(bits), int(addbit), float(clip)
         self.register_buffer("salient", torch.zeros(mask_shape, dtype=torch.bool))
         self.enabled = True
 
@@ -55,11 +57,12 @@ class GIFActQuantizer(nn.Module):
         if not self.active:
             return x
         dtype = x.dtype
-        out = gif_fake_quant(x.to(compute_dtype(x)), self.bits, self.salient, self.addbit)
+        out = gif_fake_quant(x.to(compute_dtype(x)), self.bits, self.salient, self.addbit, self.clip)
         return out.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, addbit={self.addbit}, salient={int(self.salient.sum())}/{self.salient.numel()}"
+        clip = f", clip={self.clip:g}" if self.clip != 1.0 else ""
+        return f"bits={self.bits}, addbit={self.addbit}{clip}, salient={int(self.salient.sum())}/{self.salient.numel()}"
 
 
 class StaticRangeActQuantizer(nn.Module):

@@ -47,6 +47,7 @@ from .models import FamilySpec, blocks_of, family_of, set_module
 from .omni_attention import KVQuantizer, use_spiking_attention
 from .omni_cost import block_layer_costs
 from .omni_quantizers import GIFActQuantizer, LWCWeightQuantizer
+from .rotation import carry_online
 from .saliency import ActivationSaliency, hessian_column_saliency
 
 
@@ -65,6 +66,7 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.act_quant = act_quant
         self.weight_quant = weight_quant
+        carry_online(linear, self)           # a rotated model's online Hadamard stays before it
         #: the weight columns that were quantized with 2**addbit GIF steps (weight spiking)
         self.register_buffer("w_salient", torch.zeros(linear.in_features, dtype=torch.bool,
                                                       device=linear.weight.device))
@@ -102,13 +104,13 @@ class QuantLinear(nn.Module):
         w = self.weight.float()
         xf = x.float()
         sal = aq.salient.reshape(-1)
-        lo_scale, lo_zero = per_token_params(xf, aq.bits)
+        lo_scale, lo_zero = per_token_params(xf, aq.bits, aq.clip)
         q_lo = integer_codes(xf, lo_scale, lo_zero, 2 ** aq.bits - 1)
         normal = (~sal).float()
         y = lo_scale * ((q_lo * normal) @ w.t()) - lo_scale * lo_zero * (w * normal).sum(1)
         if bool(sal.any()):
             hb = aq.bits + aq.addbit
-            hi_scale, hi_zero = per_token_params(xf, hb)
+            hi_scale, hi_zero = per_token_params(xf, hb, aq.clip)
             codes = integer_codes(xf, hi_scale, hi_zero, 2 ** hb - 1) * sal.float()
             spikes = spike_train(codes, 2 ** aq.bits, 2 ** aq.addbit)      # [T, ..., C]
             acc = sum(s @ w.t() for s in spikes)                            # integer-spike accumulations
@@ -129,12 +131,24 @@ def _attn_shape(block: nn.Module, spec: FamilySpec) -> tuple[int, int, int]:
     return heads, kv_heads, attn.head_dim
 
 
+def _act_settings(q: MethodConfig) -> dict:
+    """How a method quantizes activations and K/V: OmniQuant (SpikeLLM's code) quantizes Q, K
+    and V at abits with min-max ranges and K on `quant.k_axis`; the GPTQ pipeline (QuaRot's
+    recipe) quantizes K and V at `quant.kv_bits` per token and head, Q not at all, with the
+    clip ratios `quant.a_clip` / `quant.kv_clip`."""
+    if q.method == "omniquant":
+        return {"a_clip": 1.0, "kv_bits": q.abits, "q_bits": q.abits, "kv_clip": 1.0, "k_axis": q.k_axis}
+    return {"a_clip": q.a_clip, "kv_bits": q.kv, "q_bits": 16, "kv_clip": q.kv_clip, "k_axis": "token"}
+
+
 def wrap_block(block: nn.Module, spec: FamilySpec, q: MethodConfig, s: SpikingMode,
                train: bool = True) -> dict[str, QuantLinear]:
     """Replace the block's linears by QuantLinears (activation quantizers of `quant.abits`
     with empty masks; with `train`, LWC weight quantizers of `quant.wbits`) and give its
-    attention a KVQuantizer when activations are quantized. Returns name -> QuantLinear."""
+    attention a KVQuantizer when activations are quantized (`_act_settings`). Returns
+    name -> QuantLinear."""
     addbit, kv_addbit = (s.addbit, s.kv_addbit) if isinstance(s, GIFSpiking) else (1, 1)
+    act = _act_settings(q)
     roles = spec.let_roles()
     out = {}
     for name in spec.linears():
@@ -142,7 +156,8 @@ def wrap_block(block: nn.Module, spec: FamilySpec, q: MethodConfig, s: SpikingMo
         if isinstance(lin, QuantLinear):
             out[name] = lin
             continue
-        aq = GIFActQuantizer(q.abits, lin.in_features, addbit=addbit) if q.abits < 16 else None
+        aq = GIFActQuantizer(q.abits, lin.in_features, addbit=addbit, clip=act["a_clip"]) \
+            if q.abits < 16 else None
         wq = (LWCWeightQuantizer(q.wbits, tuple(lin.weight.shape), q.group_size, q.lwc, addbit)
               if train and q.wbits < 16 else None)
         ql = QuantLinear(lin, aq, wq).to(lin.weight.device)
@@ -152,8 +167,8 @@ def wrap_block(block: nn.Module, spec: FamilySpec, q: MethodConfig, s: SpikingMo
     attn = block.get_submodule(spec.attention)
     if q.abits < 16 and getattr(attn, "kv_quant", None) is None:
         _, kv_heads, head_dim = _attn_shape(block, spec)
-        attn.kv_quant = KVQuantizer(q.abits, kv_heads, head_dim, q.k_axis,
-                                    kv_addbit).to(out[spec.qkv[0]].weight.device)
+        attn.kv_quant = KVQuantizer(act["kv_bits"], kv_heads, head_dim, act["k_axis"], kv_addbit,
+                                    q_bits=act["q_bits"], clip=act["kv_clip"]).to(out[spec.qkv[0]].weight.device)
     return out
 
 

@@ -9,13 +9,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .allocation import LayerCost, allocate_steps, layer_cost, storage_bits_per_weight, total_cost
+from .allocation import (LayerCost, allocate_steps, layer_cost, mask_bits, storage_bits_per_weight,
+                         total_cost)
 from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, ModuleStats,
                         forward_block, peak_memory_gb, run_blockwise)
-from .config import MethodConfig, NoSpiking, SpikingMode, validate
+from .config import MethodConfig, NoSpiking, Rotation, SpikingMode, validate
 from .gptq import gptq_solve
 from .hessian import HessianAccumulator, prepare_hessian
 from .models import FamilySpec, family_of, get_module
+from .omni_attention import use_spiking_attention
+from .omniquant import _mask_pass, _set_quant, wrap_block, wrap_for_inference
 from .packing import pack_layer, unpack_layer
 from .quantizers import PBLLMQuantizer, TernaryGIFQuantizer, UniformQuantizer
 from .saliency import hessian_column_saliency, hessian_element_saliency
@@ -33,6 +36,9 @@ class QuantReport:
     params: dict = field(default_factory=dict)
     #: with `pack=True`: "<module path>.<tensor>" -> the packed layers' tensors (`packing`)
     packed: dict = field(default_factory=dict)
+    #: modules outside the decoder blocks whose tensors the run changed (a rotation: the
+    #: embeddings, the head, the final norm); a saved quantized model must include them
+    outside: list[str] = field(default_factory=list)
 
 
 def _make_quantizer(q: MethodConfig, s: SpikingMode, W: torch.Tensor, U: torch.Tensor,
@@ -129,8 +135,50 @@ class GPTQFamily(BlockMethod):
         self.saliency_diags = saliency_diags
         self.notes: list[str] = []
         self.desc = f"{q.method}{'+' + s.mode if s.mode != 'none' else ''}"
+        #: activations (and K/V) quantized per token (QuaRot-style W4A4KV4; GIF spiking with t2/t4)
+        self.act = getattr(q, "abits", 16) < 16
         # plain round-to-nearest needs no calibration activations at all
         self.needs_inputs = not (q.method == "rtn" and s.mode == "none")
+
+    # -- activation quantization (quant.abits < 16) ---------------------------------------------
+    def prepare(self, model: nn.Module, spec: FamilySpec) -> None:
+        if self.act:
+            use_spiking_attention(model)
+
+    def restore(self, block: nn.Module) -> None:
+        if self.act:
+            wrap_block(block, self.spec, self.q, self.s, train=False)
+
+    def finalize(self, model: nn.Module, spec: FamilySpec) -> None:
+        if self.act:
+            model.config.use_cache = False
+
+    def restore_for_inference(self, model: nn.Module) -> None:
+        if self.act:
+            wrap_for_inference(model, self.q, self.s)
+
+    def _wrap_acts(self, i: int, block: nn.Module, x: BlockInputs) -> dict:
+        """Activation and K/V quantizers on the block (off while its weights are solved, as
+        QuaRot's GPTQ sees full-precision activations); with GIF spiking, the salient channels
+        from the activation and KV saliency of the full-precision block on its inputs `x`
+        (in the rotated basis on a rotated model). -> name -> QuantLinear."""
+        linears = wrap_block(block, self.spec, self.q, self.s, train=False)
+        _set_quant(block, linears, False)
+        if self.s.mode == "gif" and self.s.ratio > 0:
+            _mask_pass(block, linears, x, self.q, self.s, self.s.seed + 1000 * i, self.batch_size)
+        return linears
+
+    def _act_cost(self, c: LayerCost, ql) -> LayerCost:
+        """The weight cost `c` of a QuantLinear `ql` with quantized activations: each input channel
+        j costs w_bits · a_bits per step, 2**addbit steps on salient channels; the salient mask
+        is stored."""
+        t = torch.ones(ql.in_features)
+        sal = ql.act_quant.salient.reshape(-1).cpu()
+        if self.s.mode == "gif":
+            t = torch.where(sal, float(2 ** self.s.addbit), t)
+        store = c.storage_bits + mask_bits(ql.in_features, int(sal.sum())) / (c.c_out * c.c_in)
+        return layer_cost(c.name, c.c_out, c.c_in, t, self.q.wbits, self.q.abits,
+                          storage_bits=store, scale_mults=c.scale_mults)
 
     def process(self, i: int, block: nn.Module, inputs: dict[str, BlockInputs]) -> BlockResult:
         q, s = self.q, self.s
@@ -138,6 +186,7 @@ class GPTQFamily(BlockMethod):
         samples = 0 if x is None else x.hidden.shape[0]
         groups = self.spec.sequential if q.true_sequential else (self.spec.linears(),)
         rows, costs, packed = [], [], {}
+        wrapped = self._wrap_acts(i, block, x) if self.act else {}
         for group in groups:
             linears = {name: get_module(block, name) for name in group}
             # linears of a sequential group share their input, hence one Hessian per group
@@ -172,20 +221,32 @@ class GPTQFamily(BlockMethod):
                                         additive_fraction=cost.additive_fraction,
                                         storage_bits=cost.storage_bits,
                                         scale_mults=cost.scale_mults))
-        return BlockResult(rows=rows, costs=costs, extra=packed)
+        if not wrapped:
+            return BlockResult(rows=rows, costs=costs, extra=packed)
+        # the next block's inputs from the W-quantized block with full-precision activations
+        # (QuaRot's GPTQ order), then the activation and K/V quantizers go on
+        nxt = forward_block(block, x, self.batch_size) if x is not None else None
+        _set_quant(block, wrapped, True)
+        costs = [self._act_cost(c, wrapped[r.module]) for c, r in zip(costs, rows)]
+        for r, c in zip(rows, costs):
+            r.avg_steps, r.ace, r.storage_bits = c.avg_steps, c.ace, c.storage_bits
+        return BlockResult(rows=rows, costs=costs, extra=packed,
+                           streams=None if nxt is None else {"hidden": nxt})
 
     def baseline_ace(self, c: LayerCost) -> float:
         """ACE of the same layer on the same grid with one step everywhere (plain W-bit, or plain
-        ternary / binary), scale multiplies included."""
+        ternary / binary; W·A bits per MAC with quantized activations), scale multiplies included."""
         base_bits = self.s.spike_bits if self.s.mode == "ternary" else \
             (1.0 if self.q.method == "pbllm" else self.q.wbits)
-        return c.c_out * (c.c_in * base_bits + c.scale_mults * 16.0) * 16.0
+        act_bits = self.q.abits if self.act else 16.0
+        return c.c_out * (c.c_in * base_bits * act_bits + c.scale_mults * 256.0)
 
 
 def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | None = None,
              spiking: SpikingMode | None = None, batch_size: int = 8, device="cpu",
              progress: bool = True, log=print, saliency_diags: dict | None = None,
-             checkpoint_dir=None, stream=None, on_block=None, **method_kwargs) -> QuantReport:
+             checkpoint_dir=None, stream=None, on_block=None, rotate: Rotation | None = None,
+             **method_kwargs) -> QuantReport:
     """Quantize all decoder-block linears of `model` in place with the method `config` is the
     config of (`GPTQConfig`, `RTNConfig`, `PBLLMConfig`, `OmniQuantConfig`: the registry
     `spikellm.methods.METHODS`), spiking as `spiking` says (`TernarySpiking`, `GIFSpiking`;
@@ -197,18 +258,21 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | N
     finished block and resumes after the last committed one (preemption, kills); `stream` (a
     `streaming.BlockStream`) keeps one block in memory at a time; `on_block(row)` is called after
     each block (`blockwise.run_blockwise`: index, loss, seconds, memory). `method_kwargs` go to the
-    method (e.g. OmniQuant's `act_absmax`). Returns per-module stats, the cost of the result
+    method (e.g. OmniQuant's `act_absmax`). `rotate` (`Rotation(mode="hadamard")`): QuaRot's
+    rotation first, block by block (`rotation.Rotated`; the embeddings and head change too:
+    `QuantReport.outside` names them). Returns per-module stats, the cost of the result
     (equal steps, ACE relative to FP16 and to the one-step baseline, additive share, storage
     bits) and what the method learned (`params`)."""
     from .methods import make_method
     from .config import GPTQConfig
     q = config if config is not None else GPTQConfig()
     s = spiking if spiking is not None else NoSpiking()
-    validate(q, s)
+    validate(q, s, rotate)
     spec = family_of(model)
     if saliency_diags is not None:
         method_kwargs["saliency_diags"] = saliency_diags
-    method = make_method(q, s, spec, batch_size=batch_size, device=device, log=log, **method_kwargs)
+    method = make_method(q, s, spec, rotate, batch_size=batch_size, device=device, log=log,
+                         **method_kwargs)
     res = run_blockwise(model, spec, calib_ids, method, device=device, batch_size=batch_size,
                         progress=progress, checkpoint_dir=checkpoint_dir, log=log, stream=stream,
                         on_block=on_block)
@@ -218,7 +282,8 @@ def quantize(model: nn.Module, calib_ids: torch.Tensor, config: MethodConfig | N
     params = {k: v for e in res.extras for k, v in e.items()}
     packed = {k[len("packed."):]: params.pop(k) for k in [k for k in params if k.startswith("packed.")]}
     return QuantReport(stats=res.stats, costs=res.costs, seconds=res.seconds, cost=total,
-                       notes=list(getattr(method, "notes", [])), params=params, packed=packed)
+                       notes=list(getattr(method, "notes", [])), params=params, packed=packed,
+                       outside=list(getattr(method, "outside_modules", ())))
 
 
 def fp_saliency_diagonals(model: nn.Module, calib_ids: torch.Tensor, percdamp: float = 0.01,

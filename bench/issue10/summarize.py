@@ -7,8 +7,12 @@ far-from-FP regimes here move with floating-point summation order) and prints
 one markdown row per method with equal steps, storage bits per weight, ACE (relative to FP16)
 and the additive share beside the perplexities. Every number comes from the manifests.
 
-    python bench/issue10/summarize.py outputs/issue10 [more stores or .jsonl] [--family gptq|omniquant]
-        [--export bench/results/issue10_gptq.jsonl] [--host SUBSTRING]
+    python bench/issue10/summarize.py outputs/issue10 [more stores or .jsonl] [--family gptq|omniquant|w4a4|...]
+        [--export bench/results/issue10_gptq.jsonl] [--host SUBSTRING] [--time]
+
+Runs of the GPTQ pipeline with quantized activations or a rotation (issue 14) are labelled
+QuaRot-RTN / QuaRot-GPTQ / RTN / GPTQ W<w>A<a>KV<kv> (+ SpikeLLM t2/t4) and grouped under the
+family "w<w>a<a>".
 """
 from __future__ import annotations
 
@@ -34,6 +38,17 @@ def method_label(cfg: dict) -> tuple:
             name = f"SpikeLLM {base} {'t2' if s['addbit'] == 1 else 't4'}" + \
                    (" random" if s["select"] == "random" else "")
         return ("omniquant", q["k_axis"], name, recipe), f"{name} (K {q['k_axis']}; {recipe})"
+    rotated = (cfg.get("rotate") or {}).get("mode", "none") != "none"
+    if q["method"] in ("rtn", "gptq") and (q.get("abits", 16) < 16 or rotated):
+        # the rotation table (issue 14): QuaRot's grid with and without the rotation, + GIF spiking
+        a = q.get("abits", 16)
+        grid = f"W{q['wbits']}A{a}" + (f"KV{q.get('kv_bits') or a}" if a < 16 else "")
+        name = ("QuaRot-" if rotated else "") + q["method"].upper()
+        if s["mode"] == "gif":
+            name += f" + SpikeLLM {'t2' if s['addbit'] == 1 else 't4'}" + \
+                (" random" if s["select"] == "random" else "")
+        rank = (0 if q["method"] == "rtn" else 1) + (2 if rotated else 0) + (4 if s["mode"] == "gif" else 0)
+        return (f"w{q['wbits']}a{a}", rank, name), f"{name} {grid}"
     if q["method"] == "pbllm":
         name = f"PB-LLM {q['salient_frac']:.0%} at {q['high_bits']} bits"
     elif s["mode"] == "ternary":
@@ -90,7 +105,8 @@ def fmt(xs: list[float], pct: bool = False) -> str:
     return f"{f(m)} ± {f(statistics.stdev(xs))} (n={len(xs)})"
 
 
-def summarize(runs: list[dict], family: str | None = None, host: str | None = None) -> str:
+def summarize(runs: list[dict], family: str | None = None, host: str | None = None,
+              times: bool = False) -> str:
     by: dict[tuple, dict] = defaultdict(lambda: {"ppl": defaultdict(dict), "cost": {}, "name": ""})
     fp: dict[str, set] = defaultdict(set)
     hosts: dict[str, int] = defaultdict(int)
@@ -109,6 +125,8 @@ def summarize(runs: list[dict], family: str | None = None, host: str | None = No
                 e["ppl"][k.replace("/", " ", 1)][seed] = v
             elif k.startswith("cost/") and k not in e["cost"]:
                 e["cost"][k] = v
+            elif times and k == "time/quantize_s":
+                e["ppl"]["quantize s"][seed] = v
     cols = sorted({c for e in by.values() for c in e["ppl"]},
                   key=lambda c: (c.startswith("acc"), c.startswith("acc") and c != "acc avg",
                                  not c.startswith("ppl dev"), c))
@@ -134,14 +152,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", type=Path, nargs="+",
                     help="paths.outputs of the runs, or exported .jsonl records")
-    ap.add_argument("--family", choices=["gptq", "omniquant"])
+    ap.add_argument("--family", help="gptq, omniquant, or a regime of the rotation table (w4a4, w4a8, w3a16)")
     ap.add_argument("--export", type=Path, help="also append the runs to this .jsonl record")
     ap.add_argument("--host", help="only the runs measured on a CPU whose name contains this")
+    ap.add_argument("--time", action="store_true", help="add a column: quantization wall time (s)")
     a = ap.parse_args()
     runs = [r for src in a.sources for r in load(src)]
     if a.export:
         export(runs, a.export)
-    print(summarize(runs, a.family, a.host))
+    print(summarize(runs, a.family, a.host, a.time))
 
 
 if __name__ == "__main__":
