@@ -75,6 +75,8 @@ def _eval_keys(cfg) -> dict:
                           for d in cfg.eval.datasets}
     if cfg.eval.split == "dev":  # dev windows are the held-out tail of the calibration source
         keys.update(_sel(cfg, "calib.dataset", "calib.split", "calib.dev_fraction"))
+    if OmegaConf.select(cfg, "eval.spikes"):       # false leaves the earlier keys as they were
+        keys.update(_sel(cfg, "eval.spikes", "eval.spike_windows"))
     if OmegaConf.select(cfg, "eval.tasks"):
         keys.update(_sel(cfg, "eval.tasks", "eval.limit", "eval.task_batch_size"))
         if cfg.eval.num_fewshot:        # 0 (zero-shot) leaves the earlier keys as they were

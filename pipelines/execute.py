@@ -199,6 +199,9 @@ def run_node(node, deps: dict[str, Artifact], store: ArtifactStore, tracker: Tra
                 run.table("perplexity", [{"metric": k, "value": v}
                                          for k, v in art.metrics.items() if k.startswith("ppl/")])
                 run.table("zero_shot", zero_shot_rows(art.metrics))
+                spikes = art.path / "spikes.json"
+                if spikes.exists():
+                    run.table("spikes", json.loads(spikes.read_text()))
     except KeyboardInterrupt as e:          # SIGINT, or SIGTERM turned into one (pipelines.run)
         why = str(e) or "SIGINT"
         set_state(sweep_dir, node, "interrupted", ended=_now(), reason=f"stopped by {why}")

@@ -79,6 +79,11 @@ class EvalCfg:
     #: perplexity block by block from the checkpoint's shards (one block + the windows' hidden
     #: states in memory; needs model.stream=true and no eval.tasks)
     stream: bool = False
+    #: count the spikes the quantized model fires on the evaluation windows (spikellm.spikes):
+    #: spike/firing_rate*, cost/sops, cost/energy_event_pj, spikes.json
+    spikes: bool = False
+    #: windows of the first eval dataset the spikes are counted on (null: all evaluated windows)
+    spike_windows: Optional[int] = None
 
 
 @dataclass
@@ -241,6 +246,10 @@ def validate(cfg: Any) -> None:
          "false unless model.stream=true (a streamed evaluation reads the quantized checkpoint's shards)", c.eval.stream),
         (not c.eval.stream or not c.eval.tasks, "eval.stream",
          "false with eval.tasks (lm-eval scores the whole model; set eval.tasks=[] for streamed perplexity)", c.eval.stream),
+        (c.eval.spike_windows is None or c.eval.spike_windows >= 1, "eval.spike_windows", "null or >= 1",
+         c.eval.spike_windows),
+        (not (c.eval.spikes and c.eval.stream), "eval.spikes",
+         "false with eval.stream=true (spikes are counted on the whole model in memory)", c.eval.spikes),
         (c.batch_size >= 1, "batch_size", ">= 1", c.batch_size),
         (c.store.lock_timeout_s is None or c.store.lock_timeout_s >= 0, "store.lock_timeout_s",
          "null (wait forever) or >= 0 seconds", c.store.lock_timeout_s),

@@ -359,11 +359,46 @@ def _quantized_model(cfg, q: Artifact) -> LoadedModel:
 
 def evaluate(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:
     """Perplexities (and zero-shot accuracies) of the quantized model (`_quantized_model`), or
-    with `eval.stream` block by block from the streamed quantize's checkpoint."""
+    with `eval.stream` block by block from the streamed quantize's checkpoint; with
+    `eval.spikes` also the spikes it fires (`_spikes`)."""
     q = deps["quantize"]
     if cfg.eval.stream:
         return _streamed_ppl(cfg, q.file("model"), "quant")
-    return _scores(cfg, _quantized_model(cfg, q), "quant", out)
+    lm = _quantized_model(cfg, q)
+    metrics = _scores(cfg, lm, "quant", out)
+    if cfg.eval.spikes:
+        metrics.update(_spikes(cfg, lm, q, out))
+    return metrics
+
+
+def _spikes(cfg, lm: LoadedModel, q: Artifact, out: Path) -> dict:
+    """`eval.spikes`: the quantized model over the first `eval.spike_windows` windows of the
+    first eval dataset with every spike counted (`spikellm.spikes`) -> spikes.json (one row per
+    layer: firing rate, fired spikes and their levels, SOPs, event-driven and formula energy per
+    token) and the metrics spike/firing_rate*, cost/sops, cost/energy_event_pj,
+    cost/energy_event_rel_formula (against the quantize stage's cost/energy_pj)."""
+    from spikellm.allocation import LayerCost, energy_cost
+    from spikellm.spikes import count_spikes, spike_metrics
+    t0 = time.time()
+    d = cfg.eval.datasets[0]
+    windows = evaluation_set(lm.tokenizer, d, cfg.eval.seqlen, cfg.eval.max_windows, split=cfg.eval.split,
+                             data_dir=cfg.paths.data_dir, calib=OmegaConf.to_object(cfg.calib))
+    if cfg.eval.spike_windows:
+        windows = windows[: cfg.eval.spike_windows]
+    costs = [LayerCost(**r) for r in json.loads(q.file("layer_costs.json").read_text())]
+    e = energy_model(cfg)
+    layers = count_spikes(lm.model, windows, costs, e, cfg.eval.batch_size, resolve_device(cfg.device),
+                          progress=cfg.progress)
+    (out / "spikes.json").write_text(json.dumps([s.row() for s in layers], indent=1))
+    metrics = spike_metrics(layers, energy_cost(costs, e)["energy_pj"])
+    metrics["time/eval_spikes_s"] = time.time() - t0
+    rate = metrics.get("spike/firing_rate")
+    say(f"spikes on {windows.shape[0]} x {windows.shape[1]} tokens of {dataset_name(d)}: "
+        + (f"firing rate {rate:.3f}, " if rate is not None else "no spiking layers, ")
+        + f"event-driven {metrics['cost/energy_event_pj']:.4g} pJ/token "
+        f"({metrics.get('cost/energy_event_rel_formula', float('nan')):.3f} of the formula) "
+        f"({metrics['time/eval_spikes_s']:.0f}s)")
+    return metrics
 
 
 def export(cfg, deps: dict[str, Artifact], out: Path, **_) -> dict:

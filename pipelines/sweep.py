@@ -182,6 +182,8 @@ def write_run_manifest(cfg, arts: dict, name: str, sweep_dir: Path, run_dir: Pat
     stats = q.file("module_stats.json")
     if stats.exists():
         (run_dir / "module_stats.json").write_text(stats.read_text())
+    if "evaluate" in arts and arts["evaluate"].file("spikes.json").exists():   # eval.spikes: per layer
+        (run_dir / "spikes.json").write_text(arts["evaluate"].file("spikes.json").read_text())
     write_json(run_dir / "manifest.json", manifest)
     print_table(manifest, run_dir / "manifest.json")
     return run_dir / "manifest.json"
@@ -254,8 +256,12 @@ def print_table(manifest: dict, path: Path) -> None:
     m = manifest["metrics"]
     width = max(len(k) for k in m)
     print(f"  {'metric'.ljust(width)}  value")
+    per_layer = [k for k in m if k.startswith("spike/firing_rate/") and k.split("/")[-1][:1].isdigit()]
     for k in _ordered(m):
-        print(f"  {k.ljust(width)}  {_fmt(m[k])}")
+        if k not in per_layer:
+            print(f"  {k.ljust(width)}  {_fmt(m[k])}")
+    if per_layer:
+        print(f"  ({len(per_layer)} per-layer spike/firing_rate/<block>.<role> in the manifest and spikes.json)")
     if manifest.get("energy"):
         print(f"  (cost/energy_*: ASSUMED constants, {manifest['energy']['assumption']})")
     if manifest.get("model_dir"):

@@ -78,6 +78,10 @@ class LayerCost:
     #: weights (a rotation's online Hadamard: c_out outputs of c_in signed adds each): counted in
     #: ACE and energy, left out of equal steps, storage bits and the FP16 reference
     overhead: bool = False
+    #: static weight spikes (ternary GIF weights): fired spikes Σ|code| and spike slots Σ T over
+    #: the layer's weights; 0 for layers whose weights do not spike
+    weight_spikes: float = 0.0
+    weight_slots: float = 0.0
 
     def row(self) -> dict:
         return asdict(self)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gif import fake_quant, gif_fake_quant, range_params
+from dataclasses import dataclass
+
+from .gif import fake_quant, gif_fake_quant, integer_codes, per_token_params, range_params, spike_train
 
 #: OmniQuant's initial LWC logit: sigmoid(4) = 0.982 of the min/max range
 LWC_INIT = 4.0
@@ -29,6 +31,30 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype quantizers compute in: float32, or float64 for float64 inputs (a float64 model
     then has no float32 rounding that could flip a quantization code, e.g. between batch shapes)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class SpikeCodes:
+    """What an activation quantizer's GIF neurons fire on an input x [..., C] (inference): the
+    normal channels' codes `lo` (one step of `levels` levels: the spike is the code), the salient
+    channels' (b+a)-bit codes `hi` (charges fired over `steps` GIF steps, `gif.spike_train`),
+    each with its per-token (or per-range) scale and zero point; `salient` broadcast to x."""
+    lo: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    salient: torch.Tensor
+    hi: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    levels: int
+    steps: int
+
+    def spikes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(normal channels' spikes [..., C] (0 on salient channels), the salient channels'
+        spike train [steps, ..., C] (0 on normal channels) or None)."""
+        normal = torch.where(self.salient, torch.zeros_like(self.lo), self.lo)
+        if self.hi is None:
+            return normal, None
+        charge = torch.where(self.salient, self.hi[0], torch.zeros_like(self.hi[0]))
+        return normal, spike_train(charge, self.levels, self.steps)
 
 
 class GIFActQuantizer(nn.Module):
@@ -59,6 +85,22 @@ class GIFActQuantizer(nn.Module):
         dtype = x.dtype
         out = gif_fake_quant(x.to(compute_dtype(x)), self.bits, self.salient, self.addbit, self.clip)
         return out.to(dtype)
+
+    @torch.no_grad()
+    def spike_codes(self, x: torch.Tensor) -> "SpikeCodes":
+        """The integer charges the GIF neurons of input x [..., C] start from (`SpikeCodes`):
+        the b-bit codes of the normal channels, the (b+a)-bit codes of the salient ones (fired
+        as 2**addbit GIF steps of 2**b levels), with their per-token scales and zero points."""
+        xf = x.to(compute_dtype(x))
+        sal = self.salient.expand_as(xf)
+        scale, zero = per_token_params(xf, self.bits, self.clip)
+        lo = integer_codes(xf, scale, zero, 2 ** self.bits - 1)
+        hi = None
+        if bool(self.salient.any()):
+            hb = self.bits + self.addbit
+            hscale, hzero = per_token_params(xf, hb, self.clip)
+            hi = (integer_codes(xf, hscale, hzero, 2 ** hb - 1), hscale, hzero)
+        return SpikeCodes(lo, scale, zero, sal, hi, 2 ** self.bits, 2 ** self.addbit)
 
     def extra_repr(self) -> str:
         clip = f", clip={self.clip:g}" if self.clip != 1.0 else ""
@@ -150,6 +192,21 @@ class StaticRangeActQuantizer(nn.Module):
             hscale, hzero = range_params(xmin, xmax, hb)
             out = torch.where(self.salient, fake_quant(xf, hscale, hzero, 2 ** hb - 1), out)
         return out.to(dtype)
+
+    @torch.no_grad()
+    def spike_codes(self, x: torch.Tensor) -> SpikeCodes:
+        """As `GIFActQuantizer.spike_codes`, against the fitted ranges."""
+        xf = x.to(compute_dtype(x))
+        xmin, xmax = self.xmin.to(xf.dtype), self.xmax.to(xf.dtype)
+        scale, zero = range_params(xmin, xmax, self.bits)
+        lo = integer_codes(xf, scale, zero, 2 ** self.bits - 1)
+        hi = None
+        if bool(self.salient.any()):
+            hb = self.bits + self.addbit
+            hscale, hzero = range_params(xmin, xmax, hb)
+            hi = (integer_codes(xf, hscale, hzero, 2 ** hb - 1), hscale, hzero)
+        return SpikeCodes(lo, scale.expand_as(xf), zero.expand_as(xf), self.salient.expand_as(xf), hi,
+                          2 ** self.bits, 2 ** self.addbit)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, addbit={self.addbit}, range={tuple(self.xmin.shape)}, "

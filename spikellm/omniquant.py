@@ -40,7 +40,6 @@ from .allocation import LayerCost, salient_mask
 from .blockwise import (BlockInputs, BlockMethod, BlockResult, InputCollector, ModuleStats,
                         forward_block, peak_memory_gb, run_blockwise)
 from .config import GIFSpiking, MethodConfig, SpikingMode
-from .gif import integer_codes, per_token_params, spike_train
 from .hessian import HessianAccumulator, prepare_hessian
 from .let import LETParams, fold_norms, smooth_init, transformed_weight
 from .models import FamilySpec, blocks_of, family_of, set_module
@@ -94,29 +93,29 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def spike_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit spike-driven form (inference only; method.md §2.3, with bug B3 fixed):
-        y = Δ_lo (Q_lo ⊙ m_lo) Wᵀ − Δ_lo z_lo Σ_{j normal} W_j
+        y = Δ_lo (S_lo ⊙ m_lo) Wᵀ − Δ_lo z_lo Σ_{j normal} W_j
           + Δ_hi Σ_t (S_t ⊙ m_sal) Wᵀ − Δ_hi z_hi Σ_{j salient} W_j + b,
-        S_t the GIF spikes (each in 0..L-1) of the (b+a)-bit codes. Equals `forward` except for
-        salient codes above 2**a·(L−1) (the documented top-code clipping)."""
+        S_lo the normal channels' one-step spikes (their codes), S_t the GIF spikes (each in
+        0..L-1) of the salient (b+a)-bit codes (`SpikeCodes`, also what `spikes.SpikeAccounting`
+        counts). Equals `forward` except for salient codes above 2**a·(L−1) (the documented
+        top-code clipping)."""
         aq = self.act_quant
         if aq is None or not aq.active or self.__dict__["let"] is not None or self.weight_quant is not None:
             raise RuntimeError("spike_forward needs a folded QuantLinear with an active act quantizer")
-        w = self.weight.float()
-        xf = x.float()
+        from .omni_quantizers import compute_dtype
+        dt = compute_dtype(x)
+        w = self.weight.to(dt)
+        c = aq.spike_codes(x.to(dt))
+        s_lo, train = c.spikes()
         sal = aq.salient.reshape(-1)
-        lo_scale, lo_zero = per_token_params(xf, aq.bits, aq.clip)
-        q_lo = integer_codes(xf, lo_scale, lo_zero, 2 ** aq.bits - 1)
         normal = (~sal).float()
-        y = lo_scale * ((q_lo * normal) @ w.t()) - lo_scale * lo_zero * (w * normal).sum(1)
-        if bool(sal.any()):
-            hb = aq.bits + aq.addbit
-            hi_scale, hi_zero = per_token_params(xf, hb, aq.clip)
-            codes = integer_codes(xf, hi_scale, hi_zero, 2 ** hb - 1) * sal.float()
-            spikes = spike_train(codes, 2 ** aq.bits, 2 ** aq.addbit)      # [T, ..., C]
-            acc = sum(s @ w.t() for s in spikes)                            # integer-spike accumulations
-            y = y + hi_scale * acc - hi_scale * hi_zero * (w * sal.float()).sum(1)
+        y = c.scale * (s_lo @ w.t()) - c.scale * c.zero * (w * normal.to(dt)).sum(1)
+        if train is not None:
+            _, hi_scale, hi_zero = c.hi
+            acc = sum(s @ w.t() for s in train)                              # integer-spike accumulations
+            y = y + hi_scale * acc - hi_scale * hi_zero * (w * sal.to(dt)).sum(1)
         if self.bias is not None:
-            y = y + self.bias.float()
+            y = y + self.bias.to(dt)
         return y.to(x.dtype)
 
 

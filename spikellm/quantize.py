@@ -102,6 +102,8 @@ def quantize_linear(name: str, layer: nn.Linear, H: torch.Tensor | None, q: Meth
                       storage_bits=storage_bits_per_weight(W.shape[0], W.shape[1], store["code_bits"],
                                                            store["fp16_params"], store["mask_bits"]),
                       scale_mults=store["scale_mults"])
+    if hasattr(quantizer, "weight_spikes"):
+        cost.weight_spikes, cost.weight_slots = quantizer.weight_spikes()
     info = {"loss": res.loss, "recon_error": res.recon_error, "seconds": res.seconds,
             "damp": res.damp, "avg_steps": float(steps.float().mean()), "notes": notes}
     if packed is not None:

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .allocation import mask_bits
-from .gif import ternary_quant
+from .gif import ternary_codes, ternary_quant
 from .saliency import hessian_element_saliency
 
 
@@ -194,7 +194,15 @@ class TernaryGIFQuantizer(ColumnQuantizer):
         self.j0 = j
 
     def quantize(self, j, w):
-        return ternary_quant(w, self.alpha[:, j - self.j0], self.steps[:, j].to(w.dtype))
+        codes = ternary_codes(w, self.alpha[:, j - self.j0], self.steps[:, j].to(w.dtype))
+        # a code c fires |c| ternary spikes (gif.ternary_spike_train): the static weight spikes
+        self.fired = getattr(self, "fired", 0.0) + float(codes.abs().sum())
+        return self.alpha[:, j - self.j0] * codes
+
+    def weight_spikes(self) -> tuple[float, float]:
+        """(fired ternary weight spikes, spike slots = Σ steps) of the solved layer: static, the
+        same for every token (`spikes.SpikeAccounting`)."""
+        return float(getattr(self, "fired", 0.0)), float(self.steps.sum())
 
     def code_classes(self):
         from .packing import CodeClass
