@@ -12,6 +12,7 @@ reports a SLURM sweep that was submitted without waiting."""
 from __future__ import annotations
 
 import html
+import textwrap
 import json
 import sys
 from pathlib import Path
@@ -55,12 +56,81 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     perplexities first and every other metric except per-dataset timings."""
     keys = swept_keys(rows)
     first = ("ppl/", "acc/", "cost/avg_steps", "cost/storage_bits", "cost/ace_rel_fp16", "cost/")
-    metrics = sorted({k for r in rows for k in r["metrics"] if not k.startswith("time/eval")},
+    metrics = sorted({k for r in rows for k in r["metrics"] if not k.startswith("time/eval")
+                      and not _per_layer_rate(k)},
                      key=lambda k: (next((i for i, p in enumerate(first) if k.startswith(p)), len(first)), k))
     head = (keys or ["point"]) + ["state"] + metrics
     body = [([r["swept"].get(k, "") for k in keys] if keys else [r["overrides"]]) + [r["state"]]
             + [_fmt(r["metrics"].get(k)) for k in metrics] for r in rows]
     return head, body
+
+
+def _per_layer_rate(key: str) -> bool:
+    """spike/firing_rate/<block>.<role>: one per layer (in the plot and spikes.json, not the table)."""
+    return key.startswith("spike/firing_rate/") and key.split("/")[-1][:1].isdigit()
+
+
+def _label(r: dict, width: int = 40) -> str:
+    text = " ".join(f"{k}={v}" for k, v in r["swept"].items()) or r["overrides"]
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def write_spike_plots(rows: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
+    """With eval.spikes: (1) the firing rate per layer, blocks on the x axis, one line per
+    linear role (K/V dashed), one panel per spiking point; (2) the energy per token of every
+    point: FP16 MACs, the formula-based estimate (cost/energy_pj), and the measured
+    event-driven figure (cost/energy_event_pj), on a log scale. -> [(title, path)]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if r["state"] == "done" and "cost/energy_event_pj" in r["metrics"]]
+    out = []
+    spiking = [r for r in done if any(_per_layer_rate(k) for k in r["metrics"])]
+    if spiking:
+        fig, axes = plt.subplots(len(spiking), 1, figsize=(8, 3.2 * len(spiking)), dpi=110, squeeze=False,
+                                 layout="constrained")
+        for ax, r in zip(axes[:, 0], spiking):
+            by_role: dict[str, list] = {}
+            for k, v in r["metrics"].items():
+                if _per_layer_rate(k):
+                    block, role = k.split("/")[-1].split(".", 1)
+                    by_role.setdefault(role, []).append((int(block), v))
+            for role, pts in sorted(by_role.items()):
+                pts.sort()
+                kv = role.endswith((".k", ".v"))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if not kv else None,
+                        ls="--" if kv else "-", label=role)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("block")
+            ax.set_ylabel("firing rate")
+            ax.set_title(f"spikes per neuron per step: {_label(r)}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, ncol=3)
+        path = out_dir / "plot_firing_rate.png"
+        fig.savefig(path)
+        plt.close(fig)
+        out.append(("firing rate per layer", path))
+    if done:
+        labels = ["FP16 (every MAC)"] + [_label(r) for r in done]
+        fp16 = done[0]["metrics"].get("cost/energy_fp16_pj", float("nan"))
+        formula = [fp16] + [r["metrics"].get("cost/energy_pj", float("nan")) for r in done]
+        event = [float("nan")] + [r["metrics"]["cost/energy_event_pj"] for r in done]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5), dpi=110, layout="constrained")
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], formula, 0.4, label="formula (every GIF step paid)")
+        ax.bar([x + 0.2 for x in xs], event, 0.4, label="measured, event-driven (fired spikes)")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([textwrap.fill(t, 22) for t in labels], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("pJ per token (linear layers; ASSUMED constants)")
+        ax.set_title("energy per token")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / "plot_energy.png"
+        fig.savefig(path)
+        plt.close(fig)
+        out.append(("energy per token: formula vs measured", path))
+    return out
 
 
 def markdown(head, body) -> str:
@@ -144,7 +214,7 @@ def write_report(sweep_dir: Path) -> tuple[Path, Path]:
     rows = collect(sweep_dir)
     head, body = table(rows)
     md = sweep_dir / "report.md"
-    plots = write_plots(rows, sweep_dir)
+    plots = write_plots(rows, sweep_dir) + write_spike_plots(rows, sweep_dir)
     md.write_text(f"# Sweep {sweep_dir}\n\n" + markdown(head, body)
                   + "".join(f"\n![{t}]({p.name})\n" for t, p in plots))
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)

@@ -115,3 +115,21 @@ def test_eval_spikes_is_keyed_and_checked():
         compose_config(["eval.spike_windows=0"])
     with pytest.raises(ConfigError, match="eval.spikes=True is invalid"):
         compose_config(["model.stream=true", "eval.stream=true", "eval.spikes=true"])
+
+
+def test_the_report_plots_firing_rates_per_layer_and_energy_per_method(tmp_path):
+    """Rows as `pipelines.report.collect` returns them for an `eval.spikes` sweep: a firing-rate
+    figure (blocks x roles) for the spiking point, an energy figure for every point; the
+    per-layer rates stay out of the table."""
+    from pipelines.report import table, write_spike_plots
+    rates = {f"spike/firing_rate/{b}.{r}": 0.5 + 0.01 * b for b in range(3) for r in ("mlp.up_proj", "self_attn.k")}
+    rows = [{"overrides": "spiking=none", "state": "done", "swept": {"spiking": "none"},
+             "metrics": {"cost/energy_pj": 2e7, "cost/energy_event_pj": 1.9e7, "cost/energy_fp16_pj": 5e8}},
+            {"overrides": "spiking=t2", "state": "done", "swept": {"spiking": "t2"},
+             "metrics": {"cost/energy_pj": 2.2e7, "cost/energy_event_pj": 2.1e7, "cost/energy_fp16_pj": 5e8,
+                         "spike/firing_rate": 0.51, **rates}}]
+    plots = write_spike_plots(rows, tmp_path)
+    assert [p.name for _, p in plots] == ["plot_firing_rate.png", "plot_energy.png"]
+    assert all(p.stat().st_size > 1000 for _, p in plots)
+    head, _ = table(rows)
+    assert "spike/firing_rate" in head and not any(h.startswith("spike/firing_rate/0.") for h in head)
