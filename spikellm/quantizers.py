@@ -98,17 +98,17 @@ class UniformQuantizer(ColumnQuantizer):
 
     def fit(self, j, cols):
         self.scale, self.zero = self._params(cols)
-        self.fitted.append((self.scale[:, 0].cpu(), self.zero[:, 0].cpu()))
+        self.fitted.append((self.scale[:, 0], self.zero[:, 0]))   # on the device: no sync per group
 
     def quantize(self, j, w):
         return self._dq(w, self.scale[:, 0], self.zero[:, 0])
 
     def code_class(self):
         from .packing import CodeClass
-        s = torch.stack([f[0] for f in self.fitted], 1)
+        s = torch.stack([f[0] for f in self.fitted], 1).cpu()
         if self.sym:                      # GPTQ's symmetric zero point is one constant, (maxq + 1) / 2
             return CodeClass(self.maxq + 1, "uniform", {"s": s}, consts={"z": (self.maxq + 1) / 2})
-        return CodeClass(self.maxq + 1, "uniform", {"s": s, "z": torch.stack([f[1] for f in self.fitted], 1)})
+        return CodeClass(self.maxq + 1, "uniform", {"s": s, "z": torch.stack([f[1] for f in self.fitted], 1).cpu()})
 
     def code_classes(self):
         return [self.code_class()], None, False
@@ -190,13 +190,14 @@ class TernaryGIFQuantizer(ColumnQuantizer):
             if self.salient_scale == "own":
                 a_sal = self._search(cols, T, imp * salient)
                 self.alpha = torch.where(salient, a_sal.unsqueeze(1), self.alpha)
-        self.fitted.append((a_norm.cpu(), a_sal.cpu()))
+        self.fitted.append((a_norm, a_sal))
         self.j0 = j
 
     def quantize(self, j, w):
         codes = ternary_codes(w, self.alpha[:, j - self.j0], self.steps[:, j].to(w.dtype))
         # a code c fires |c| ternary spikes (gif.ternary_spike_train): the static weight spikes
-        self.fired = getattr(self, "fired", 0.0) + float(codes.abs().sum())
+        # (a device tensor: no host sync per column)
+        self.fired = getattr(self, "fired", 0.0) + codes.abs().sum()
         return self.alpha[:, j - self.j0] * codes
 
     def weight_spikes(self) -> tuple[float, float]:
@@ -210,10 +211,10 @@ class TernaryGIFQuantizer(ColumnQuantizer):
         sal = sorted(set(steps.unique().tolist()) - {1})
         if len(sal) > 1 or bool((steps < 1).any()):
             raise ValueError(f"packing needs one salient step count; this layer has steps {sal}")
-        a_norm = torch.stack([f[0] for f in self.fitted], 1)
+        a_norm = torch.stack([f[0] for f in self.fitted], 1).cpu()
         classes = [CodeClass(3, "sym", {"alpha": a_norm})]
         if sal and self.salient_scale == "own":
-            classes.append(CodeClass(2 * sal[0] + 1, "sym", {"alpha": torch.stack([f[1] for f in self.fitted], 1)}))
+            classes.append(CodeClass(2 * sal[0] + 1, "sym", {"alpha": torch.stack([f[1] for f in self.fitted], 1).cpu()}))
         elif sal:                                       # the normal weights' threshold, stored once
             classes.append(CodeClass(2 * sal[0] + 1, "sym", shares=0))
         cls = (steps > 1).long()
@@ -267,7 +268,7 @@ class PBLLMQuantizer(ColumnQuantizer):
         cnt = low.sum(1).clamp_min(1)
         self.mean = (cols * low).sum(1) / cnt
         self.a = ((cols - self.mean[:, None]).abs() * low).sum(1) / cnt
-        self.fitted.append((self.mean.cpu(), self.a.cpu()))
+        self.fitted.append((self.mean, self.a))
         self.high.fit(j, cols)
 
     def fit(self, j, cols):
@@ -280,8 +281,8 @@ class PBLLMQuantizer(ColumnQuantizer):
 
     def code_classes(self):
         from .packing import CodeClass
-        binar = CodeClass(2, "binary", {"m": torch.stack([f[0] for f in self.fitted], 1),
-                                        "a": torch.stack([f[1] for f in self.fitted], 1)})
+        binar = CodeClass(2, "binary", {"m": torch.stack([f[0] for f in self.fitted], 1).cpu(),
+                                        "a": torch.stack([f[1] for f in self.fitted], 1).cpu()})
         return [binar, self.high.code_class()], self.mask.long().cpu(), False
 
     def storage(self, c_out, c_in):

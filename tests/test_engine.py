@@ -50,6 +50,23 @@ def whole(src):
     return out
 
 
+def dies_in_block(real, k: int):
+    """A method factory whose plug-in dies (KeyboardInterrupt) after processing block k, before
+    the engine commits it: block k is changed in memory, its checkpoint never written."""
+    def factory(*a, **kw):
+        m = real(*a, **kw)
+        process = m.process
+
+        def killed(i, block, inputs):
+            res = process(i, block, inputs)
+            if i == k:
+                raise KeyboardInterrupt("killed")
+            return res
+        m.process = killed
+        return m
+    return factory
+
+
 def _same(a: dict, b: dict):
     assert a.keys() == b.keys()
     bad = [k for k in a if not torch.equal(a[k], b[k])]
@@ -68,21 +85,8 @@ def test_a_method_reports_costs_for_every_linear(name, whole):
 def test_killed_mid_block_then_resumed_equals_the_uninterrupted_run(name, whole, src, tmp_path, monkeypatch):
     q, s = CASES[name]
     real = methods.METHODS[q.method]
-
-    def dies_in_block_3(*a, **kw):
-        m = real(*a, **kw)
-        process = m.process
-
-        def killed(i, block, inputs):
-            res = process(i, block, inputs)       # block 3 is changed in memory ...
-            if i == 3:
-                raise KeyboardInterrupt("killed")  # ... and the process dies before committing it
-            return res
-        m.process = killed
-        return m
-
     ckpt = tmp_path / "ckpt"
-    monkeypatch.setitem(methods.METHODS, q.method, dies_in_block_3)
+    monkeypatch.setitem(methods.METHODS, q.method, dies_in_block(real, 3))
     with pytest.raises(KeyboardInterrupt):
         _run(load_model(str(src)).model, q, s, checkpoint_dir=ckpt)
     monkeypatch.setitem(methods.METHODS, q.method, real)

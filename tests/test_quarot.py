@@ -18,6 +18,7 @@ from spikellm.models import blocks_of, family_of, load_model
 from spikellm.quantize import quantize
 from spikellm.rotation import Rotated
 from spikellm.streaming import open_streaming
+from test_engine import _same, dies_in_block
 
 HAD = Rotation(mode="hadamard", seed=0)
 CASES = {
@@ -47,12 +48,6 @@ def whole(src):
         out[name] = ({k: v.clone() for k, v in lm.model.state_dict().items()}, report,
                      lm.model(_ids(), use_cache=False).logits)
     return out
-
-
-def _same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    bad = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
 
 
 # ------------------------------------------------------------------------------ quantizers
@@ -102,21 +97,8 @@ def test_rotated_run_killed_mid_block_then_resumed_equals_the_uninterrupted_run(
                                                                                   monkeypatch):
     q, s, r = CASES[name]
     real = methods.METHODS[q.method]
-
-    def dies_in_block_3(*a, **kw):
-        m = real(*a, **kw)
-        process = m.process
-
-        def killed(i, block, inputs):
-            res = process(i, block, inputs)
-            if i == 3:
-                raise KeyboardInterrupt("killed")
-            return res
-        m.process = killed
-        return m
-
     ckpt = tmp_path / "ckpt"
-    monkeypatch.setitem(methods.METHODS, q.method, dies_in_block_3)
+    monkeypatch.setitem(methods.METHODS, q.method, dies_in_block(real, 3))
     with pytest.raises(KeyboardInterrupt):
         _run(load_model(str(src)).model, q, s, r, checkpoint_dir=ckpt)
     monkeypatch.setitem(methods.METHODS, q.method, real)
