@@ -6,15 +6,16 @@ are not powers of two are built as a Kronecker product H_m ⊗ H_{2^k} of a Pale
 Sylvester's H_{2^k}:
 
 - Sylvester: H_1 = [1], H_{2n} = [[H, H], [H, −H]].
-- Paley I (q prime, q ≡ 3 mod 4): order q + 1, H = I + S with S = [[0, 1ᵀ], [−1, Q]], Q the
-  Jacobsthal matrix Q_ij = χ(j − i) (χ the quadratic character mod q). H_12 from q = 11.
-- Paley II (q prime, q ≡ 1 mod 4): order 2(q + 1), from the symmetric conference matrix
+- Paley I (q a prime power, q ≡ 3 mod 4): order q + 1, H = I + S with S = [[0, 1ᵀ], [−1, Q]],
+  Q the Jacobsthal matrix Q_ij = χ(x_j − x_i) (χ the quadratic character of GF(q), built as
+  polynomials over GF(p) modulo an irreducible one). H_12 from q = 11, H_344 from q = 7³.
+- Paley II (q a prime power, q ≡ 1 mod 4): order 2(q + 1), from the symmetric conference matrix
   C = [[0, 1ᵀ], [1, Q]]: H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]. H_36 from q = 17.
 
 SmolLM2-135M: hidden 576 = 36 · 16, intermediate 1536 = 12 · 128, head 64 = 2^6. LLaMA:
 4096 = 2^12, 5120 = 20 · 256, 8192 = 2^13, 13824 = 108 · 128, 14336 = 28 · 512, 28672 = 28 · 1024,
-and 11008 = 5504 · 2 (5503 is a prime ≡ 3 mod 4; QuaRot uses 172 · 64 from a table of known
-matrices, which this module does not have: its H_5504 costs an [5504, 5504] product per row).
+and 11008 = 344 · 32 (H_344 from GF(7³); QuaRot uses 172 · 64 from a table of known matrices,
+which this module does not have: its transform costs 344 + 5 adds per value, QuaRot's 172 + 6).
 Where no split exists, `hadamard` raises and `rotation_matrix` falls back to a seeded random
 orthogonal matrix and says so.
 
@@ -33,19 +34,75 @@ def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
 
 
+#: largest extension degree of the finite fields GF(p^k) used (an irreducible polynomial of
+#: degree <= 3 is one without roots, which a search finds)
+_MAX_DEGREE = 3
+
+
+def prime_power(q: int) -> tuple[int, int] | None:
+    """(p, k) with q = p^k, p prime, k <= 3; else None."""
+    for k in range(1, _MAX_DEGREE + 1):
+        p = round(q ** (1 / k))
+        for c in (p - 1, p, p + 1):
+            if c >= 2 and c ** k == q and _is_prime(c):
+                return c, k
+    return None
+
+
+def _irreducible(p: int, k: int) -> list[int]:
+    """Coefficients c_0..c_{k-1} of a monic irreducible x^k + Σ c_i x^i over GF(p) (k <= 3: no
+    root in GF(p)); the first one in lexicographic order."""
+    import itertools
+    for cs in itertools.product(range(p), repeat=k):
+        if all((x ** k + sum(c * x ** i for i, c in enumerate(cs))) % p for x in range(p)):
+            return list(cs)
+    raise ValueError(f"no irreducible polynomial of degree {k} over GF({p})")
+
+
+def _field_squares(p: int, k: int) -> set[int]:
+    """The nonzero squares of GF(p^k), elements encoded as integers Σ a_i p^i (a_i the
+    coefficients of the polynomial Σ a_i x^i modulo the irreducible `_irreducible(p, k)`)."""
+    if k == 1:
+        return {(x * x) % p for x in range(1, p)}
+    mod = _irreducible(p, k)
+
+    def digits(a):
+        return [(a // p ** i) % p for i in range(k)]
+
+    def mul(a, b):
+        prod = [0] * (2 * k - 1)
+        for i, x in enumerate(digits(a)):
+            for j, y in enumerate(digits(b)):
+                prod[i + j] = (prod[i + j] + x * y) % p
+        for d in range(2 * k - 2, k - 1, -1):          # x^d = x^(d-k) · (−Σ c_i x^i)
+            c, prod[d] = prod[d], 0
+            for i, m in enumerate(mod):
+                prod[d - k + i] = (prod[d - k + i] - c * m) % p
+        return sum(v * p ** i for i, v in enumerate(prod[:k]))
+
+    return {mul(a, a) for a in range(1, p ** k)}
+
+
 def _jacobsthal(q: int) -> torch.Tensor:
-    """Q [q, q], Q_ij = χ(j − i): +1 for a nonzero square mod q, −1 for a non-square, 0 on i = j."""
-    squares = {(x * x) % q for x in range(1, q)}
+    """Q [q, q], Q_ij = χ(x_j − x_i) over GF(q) (q a prime power; elements as in
+    `_field_squares`): +1 for a nonzero square, −1 for a non-square, 0 on i = j."""
+    p, k = prime_power(q)
+    squares = _field_squares(p, k)
     chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    idx = torch.zeros(q, q, dtype=torch.long)
+    ar = torch.arange(q)
+    for i in range(k):                                 # digit-wise x_j − x_i mod p
+        d = (ar // p ** i) % p
+        idx += ((d[None, :] - d[:, None]) % p) * p ** i
     return chi[idx]
 
 
 def paley_order(m: int) -> tuple[str, int] | None:
-    """('I', q) or ('II', q) when a Paley construction gives order m, else None."""
-    if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
+    """('I', q) or ('II', q) when a Paley construction over GF(q) (q a prime power) gives
+    order m, else None."""
+    if m % 4 == 0 and prime_power(m - 1) and (m - 1) % 4 == 3:
         return "I", m - 1
-    if m % 4 == 0 and m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+    if m % 4 == 0 and prime_power(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
         return "II", m // 2 - 1
     return None
 

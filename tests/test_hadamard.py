@@ -9,7 +9,7 @@ import torch
 from spikellm.hadamard import hadamard, hadamard_transform, paley_order, rotation_matrix, split_order
 
 #: SmolLM2-135M (hidden, intermediate, head, K/V width) and the Paley orders of LLaMA sizes
-SIZES = [576, 1536, 64, 192, 12, 20, 28, 36, 108, 140]
+SIZES = [576, 1536, 64, 192, 12, 20, 28, 36, 108, 140, 344]
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -21,14 +21,16 @@ def test_hadamard_matrices_are_hadamard(n):
 
 def test_paley_orders_and_splits_of_the_model_sizes():
     assert paley_order(12) == ("I", 11) and paley_order(36) == ("II", 17) and paley_order(172) is None
+    # prime powers: GF(7^3) gives H_344, so LLaMA-7B's 11008 = 344 x 32 (not 5504 x 2)
+    assert paley_order(344) == ("I", 343) and paley_order(28) == ("I", 27) and split_order(11008) == (344, 32)
     assert split_order(576) == (36, 16) and split_order(1536) == (12, 128) and split_order(64) == (1, 64)
     for n in (8192, 11008, 13824, 14336, 28672):          # the larger LLaMA sizes split too
         m, p = split_order(n)
-        assert m * p == n and (m in (1, 2) or paley_order(m) is not None)
+        assert m * p == n and (m == 1 or paley_order(m) is not None) and m <= 344
     assert split_order(188) is None                          # 4 * 47: no Paley order fits
 
 
-@pytest.mark.parametrize("n", [576, 1536, 64, 12, 2, 1])
+@pytest.mark.parametrize("n", [576, 1536, 64, 12, 2, 1, 688])
 def test_fast_transform_equals_the_matrix(n):
     x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     torch.testing.assert_close(hadamard_transform(x), x @ hadamard(n) / n ** 0.5, rtol=1e-12, atol=1e-12)
@@ -44,3 +46,12 @@ def test_rotations_are_orthogonal_and_seeded():
         assert torch.equal(R, rotation_matrix(n, seed=3)[0]) and not torch.equal(R, rotation_matrix(n, seed=4)[0])
     with pytest.raises(ValueError, match="rotation_matrix"):
         hadamard(188)
+
+
+def test_every_paley_order_below_400_gives_a_hadamard_matrix():
+    """Prime and prime-power fields (GF(p^k), k <= 3), Paley I and II."""
+    orders = [m for m in range(4, 400, 4) if paley_order(m) is not None]
+    assert {28, 344, 52, 100} <= set(orders)         # 27 = 3^3, 343 = 7^3, 25 = 5^2 (II), 49 = 7^2 (II)
+    for m in orders:
+        H = hadamard(m)
+        assert torch.equal(H @ H.t(), m * torch.eye(m, dtype=torch.float64)), m
