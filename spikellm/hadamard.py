@@ -150,24 +150,41 @@ def hadamard(n: int) -> torch.Tensor:
     return H if m == 1 else torch.kron(_paley(m), H)        # split_order: m is 1 or a Paley order
 
 
+#: largest Sylvester factor applied as one dense product (BLAS) instead of a butterfly
+_DENSE_MAX = 256
+
+
+@functools.lru_cache(maxsize=64)
+def _dense(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """hadamard(n) (a Sylvester or Paley factor) in `dtype` on `device`, cached."""
+    return hadamard(n).to(device=device, dtype=dtype)
+
+
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x [..., n] -> x @ (H_n / √n), H_n = H_m ⊗ H_{2^k} as `hadamard(n)`: a butterfly over the
-    2^k axis and one [m, m] product, in x's dtype (computed in float32 at least)."""
+    """x [..., n] -> x @ (H_n / √n), H_n = H_m ⊗ H_{2^k} as `hadamard(n)`: one product with the
+    Sylvester factor (dense for 2^k <= 256, else a butterfly over the 2^k axis) and one [m, m]
+    product with the Paley factor, in x's dtype (computed in float32 at least). The dense
+    products run as BLAS matmuls (on a CPU far faster than log2 p elementwise stages); the ACE
+    account (`rotation.hadamard_adds`) counts what a butterfly kernel would add."""
     n = x.shape[-1]
     split = split_order(n)
     if split is None:
         raise ValueError(f"no Hadamard transform of size {n} (see hadamard)")
     m, p = split
     dtype = x.dtype
-    y = x.to(torch.promote_types(dtype, torch.float32)).reshape(*x.shape[:-1], m, p)
-    h = 1
-    while h < p:                                 # Walsh-Hadamard butterfly on the last axis
-        y = y.reshape(*y.shape[:-1], p // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], m, p)
-        h *= 2
+    ct = torch.promote_types(dtype, torch.float32)
+    y = x.to(ct).reshape(*x.shape[:-1], m, p)
+    if 1 < p <= _DENSE_MAX:                      # H_p is symmetric: y @ H_p
+        y = y @ _dense(p, ct, str(y.device))
+    else:
+        h = 1
+        while h < p:                             # Walsh-Hadamard butterfly on the last axis
+            y = y.reshape(*y.shape[:-1], p // (2 * h), 2, h)
+            a, b = y[..., 0, :], y[..., 1, :]
+            y = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], m, p)
+            h *= 2
     if m > 1:                                    # (H_m ⊗ H_p): rows of x index (i, j) as i·p + j
-        y = torch.einsum("ij,...ik->...jk", _paley(m).to(y.device, y.dtype), y)
+        y = _dense(m, ct, str(y.device)).t() @ y
     return (y.reshape(x.shape) / n ** 0.5).to(dtype)
 
 
