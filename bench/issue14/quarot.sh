@@ -9,6 +9,7 @@
 #   SpikeLLM's recipe, K per token): OmniQuant, SpikeLLM t2/t4 (saliency, random).
 #   SPIKELLM_DATA_DIR=../shared/data bash bench/issue14/quarot.sh
 #   SEEDS="0" PARTS="gptq omni" REGIME=w4a4 (w4a8 | w3a16 for the orientation rows)
+#   UNROTATED=rtn: of the unrotated GPTQ-pipeline rows only RTN (default all: RTN, GPTQ, GPTQ + t2/t4)
 # then: python bench/issue10/summarize.py outputs/issue14 --time (--family w4a4 for the GPTQ rows)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +20,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SEEDS=${SEEDS:-0 1 2}
 PARTS=${PARTS:-gptq omni}
 REGIME=${REGIME:-w4a4}
+UNROTATED=${UNROTATED:-all}
+UNROT_Q=$([ "$UNROTATED" = rtn ] && echo rtn || echo rtn,gptq)
 case $REGIME in
   w4a4)  W=4; A=4 ;;
   w4a8)  W=4; A=8 ;;
@@ -34,10 +37,10 @@ for s in $SEEDS; do
   for split in dev test; do
     if [[ " $PARTS " == *" gptq "* ]]; then
       run $G calib.seed=$s rotate.seed=$s eval.split=$split quant=rtn,gptq spiking=none
-      run $G calib.seed=$s eval.split=$split rotate=none quant=rtn,gptq spiking=none
+      run $G calib.seed=$s eval.split=$split rotate=none quant=$UNROT_Q spiking=none
       if [ "$A" != 16 ]; then        # GIF spiking of quantized activations (none at A16)
         run $G calib.seed=$s rotate.seed=$s spiking.seed=$s eval.split=$split quant=gptq spiking=t2,t4 spiking.select=saliency,random
-        run $G calib.seed=$s eval.split=$split rotate=none quant=gptq spiking=t2,t4
+        [ "$UNROTATED" = rtn ] || run $G calib.seed=$s eval.split=$split rotate=none quant=gptq spiking=t2,t4
       fi
     fi
     if [[ " $PARTS " == *" omni "* ]]; then
