@@ -146,6 +146,12 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
     hess = max(fp.hessian_dims) ** 2 * 4 * 3
     solve = max(o * i for _, o, i in fp.linears) * 4 * 3
     gpu = resident + 3 * acts + hess + solve + fwd_work + ctx
+    rot = OmegaConf.select(cfg, "rotate.mode") not in (None, "none")
+    if rot:     # the float64 residual rotation Q and two float64 copies of the largest linear
+        gpu += h * h * 8 + 2 * max(o * i for _, o, i in fp.linears) * 8
+        note_rot = ", rotated (QuaRot) block by block"
+    else:
+        note_rot = ""
     t = fp.n_blocks * ((0 if cfg.quant.method == "rtn" else fwd_s) + solve_s
                        * (0.05 if cfg.quant.method == "rtn" else 1))
     disk = (model_b if stream else fp.n_blocks * block_b) + 2 * acts + (0 if stream else fp.n_blocks * block_b)
@@ -154,7 +160,7 @@ def _stage_plan(stage: str, cfg, fp: Footprint, on_gpu: bool) -> StagePlan:
         disk += model_b
     else:
         note = "streamed block by block" if stream else "whole model loaded"
-    return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + held) / GiB, disk / GiB, t, {}, note)
+    return StagePlan(stage, gpu / GiB if on_gpu else 0.0, (base + held) / GiB, disk / GiB, t, {}, note + note_rot)
 
 
 def stage_disk_gb(node) -> float:

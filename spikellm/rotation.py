@@ -125,15 +125,32 @@ def untie_head(model: nn.Module, spec: FamilySpec) -> bool:
     return tied
 
 
+#: rows of the embeddings / head rotated at a time (float64 temporaries of rows x hidden)
+_ROWS = 8192
+
+
+@torch.no_grad()
+def _rotate_rows(W: torch.Tensor, Q: torch.Tensor, g: torch.Tensor | None = None) -> None:
+    """W [V, d] ← (W · diag(g)) Q in place, in float64, `_ROWS` rows at a time (a 128k-token
+    vocabulary at d = 8192 never needs a whole float64 copy)."""
+    Q = Q.to(W.device)
+    for r0 in range(0, W.shape[0], _ROWS):
+        rows = W[r0: r0 + _ROWS].double()
+        if g is not None:
+            rows = rows * g[None, :].to(W.device)
+        W[r0: r0 + _ROWS] = (rows @ Q).to(W.dtype)
+
+
 @torch.no_grad()
 def rotate_outer(model: nn.Module, spec: FamilySpec, Q: torch.Tensor) -> None:
     """Steps 1-2 outside the blocks: untie the head, fold the final norm into it, E ← E Q,
     head W ← W Q. Q [d, d] float64."""
     untie_head(model, spec)
     emb, head = model.get_input_embeddings(), get_module(model, spec.lm_head)
-    _fold_norm(get_module(model, spec.final_norm), [head])
-    emb.weight.data = (emb.weight.data.double() @ Q.to(emb.weight.device)).to(emb.weight.dtype)
-    _set(head, head.weight.data.double() @ Q.to(head.weight.device))
+    norm = get_module(model, spec.final_norm)
+    _rotate_rows(head.weight.data, Q, norm.weight.data.double())
+    norm.weight.data.fill_(1.0)
+    _rotate_rows(emb.weight.data, Q)
 
 
 def install_online(block: nn.Module, spec: FamilySpec) -> None:
