@@ -162,7 +162,8 @@ def _dense(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """x [..., n] -> x @ (H_n / √n), H_n = H_m ⊗ H_{2^k} as `hadamard(n)`: one product with the
-    Sylvester factor (dense for 2^k <= 256, else a butterfly over the 2^k axis) and one [m, m]
+    Sylvester factor (dense for 2^k <= 256, two dense products H_{2^k/256} ⊗ H_256 up to 2^16,
+    else a butterfly over the 2^k axis) and one [m, m]
     product with the Paley factor, in x's dtype (computed in float32 at least). The dense
     products run as BLAS matmuls (on a CPU far faster than log2 p elementwise stages); the ACE
     account (`rotation.hadamard_adds`) counts what a butterfly kernel would add."""
@@ -176,7 +177,12 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     y = x.to(ct).reshape(*x.shape[:-1], m, p)
     if 1 < p <= _DENSE_MAX:                      # H_p is symmetric: y @ H_p
         y = y @ _dense(p, ct, str(y.device))
-    else:
+    elif _DENSE_MAX < p <= _DENSE_MAX ** 2:      # H_p = H_q ⊗ H_r (Sylvester): H_q · Y · H_r
+        r = _DENSE_MAX
+        q = p // r
+        y = y.reshape(*x.shape[:-1], m, q, r) @ _dense(r, ct, str(y.device))
+        y = (_dense(q, ct, str(y.device)) @ y).reshape(*x.shape[:-1], m, p)
+    elif p > 1:
         h = 1
         while h < p:                             # Walsh-Hadamard butterfly on the last axis
             y = y.reshape(*y.shape[:-1], p // (2 * h), 2, h)

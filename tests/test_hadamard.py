@@ -30,7 +30,7 @@ def test_paley_orders_and_splits_of_the_model_sizes():
     assert split_order(188) is None                          # 4 * 47: no Paley order fits
 
 
-@pytest.mark.parametrize("n", [576, 1536, 64, 12, 2, 1, 688])
+@pytest.mark.parametrize("n", [576, 1536, 64, 12, 2, 1, 688, 512, 4096, 5120])   # 4096: H_16 ⊗ H_256
 def test_fast_transform_equals_the_matrix(n):
     x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     torch.testing.assert_close(hadamard_transform(x), x @ hadamard(n) / n ** 0.5, rtol=1e-12, atol=1e-12)
