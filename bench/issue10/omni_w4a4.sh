@@ -11,6 +11,9 @@ source "$(dirname "$0")/omni_recipe.sh"
 DEV="eval.split=dev eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
 TEST="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512"
 # Order: the causal (token) rows for every seed first, then the per-channel K rows.
+PART=${PART:-all}
+case $PART in all|channel_rest) ;; *) echo "PART: all or channel_rest" >&2; exit 2 ;; esac
+if [ "$PART" = all ]; then
 for s in $SEEDS; do
   for ev in "$DEV" "$TEST"; do
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=none,t2 $S
@@ -25,5 +28,15 @@ for s in $SEEDS; do
   for ev in "$DEV" "$TEST"; do
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=token spiking=t2 $O
     sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=channel_static,channel spiking=none,t2 $S
+  done
+done
+fi
+# the per-channel K rows of the rest of the grid: OmniQuant's own recipe, t4 and t2 random
+# (PART=channel_rest runs only these)
+for s in $SEEDS; do
+  for ev in "$DEV" "$TEST"; do
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=channel_static,channel spiking=none $O
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=channel_static,channel spiking=t4 $S
+    sweep calib.seed=$s quant.seed=$s $ev quant.k_axis=channel_static,channel spiking=t2 spiking.select=random $S
   done
 done
