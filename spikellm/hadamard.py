@@ -160,38 +160,34 @@ def _dense(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return hadamard(n).to(device=device, dtype=dtype)
 
 
+def _sylvester(y: torch.Tensor, p: int) -> torch.Tensor:
+    """y [..., p] -> y @ H_p for a power of two p, as dense BLAS products: H_p itself for
+    p <= 256, else H_p = H_q ⊗ H_256 (Sylvester), i.e. Y [q, 256] -> H_q · Y · H_256 with H_q
+    applied the same way on the q axis (H symmetric)."""
+    if p <= _DENSE_MAX:
+        return y @ _dense(p, y.dtype, str(y.device)) if p > 1 else y
+    r = _DENSE_MAX
+    y = y.reshape(*y.shape[:-1], p // r, r) @ _dense(r, y.dtype, str(y.device))
+    y = _sylvester(y.transpose(-1, -2), p // r).transpose(-1, -2)
+    return y.reshape(*y.shape[:-2], p)
+
+
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x [..., n] -> x @ (H_n / √n), H_n = H_m ⊗ H_{2^k} as `hadamard(n)`: one product with the
-    Sylvester factor (dense for 2^k <= 256, two dense products H_{2^k/256} ⊗ H_256 up to 2^16,
-    else a butterfly over the 2^k axis) and one [m, m]
-    product with the Paley factor, in x's dtype (computed in float32 at least). The dense
-    products run as BLAS matmuls (on a CPU far faster than log2 p elementwise stages); the ACE
-    account (`rotation.hadamard_adds`) counts what a butterfly kernel would add."""
+    """x [..., n] -> x @ (H_n / √n), H_n = H_m ⊗ H_{2^k} as `hadamard(n)`: the Sylvester factor
+    as dense products of order <= 256 (`_sylvester`) and one [m, m] product with the Paley
+    factor, in x's dtype (computed in float32 at least). The dense products run as BLAS
+    matmuls (on a CPU far faster than log2 p elementwise butterfly stages); the ACE account
+    (`rotation.hadamard_adds`) counts what a butterfly kernel would add."""
     n = x.shape[-1]
     split = split_order(n)
     if split is None:
         raise ValueError(f"no Hadamard transform of size {n} (see hadamard)")
     m, p = split
-    dtype = x.dtype
-    ct = torch.promote_types(dtype, torch.float32)
-    y = x.to(ct).reshape(*x.shape[:-1], m, p)
-    if 1 < p <= _DENSE_MAX:                      # H_p is symmetric: y @ H_p
-        y = y @ _dense(p, ct, str(y.device))
-    elif _DENSE_MAX < p <= _DENSE_MAX ** 2:      # H_p = H_q ⊗ H_r (Sylvester): H_q · Y · H_r
-        r = _DENSE_MAX
-        q = p // r
-        y = y.reshape(*x.shape[:-1], m, q, r) @ _dense(r, ct, str(y.device))
-        y = (_dense(q, ct, str(y.device)) @ y).reshape(*x.shape[:-1], m, p)
-    elif p > 1:
-        h = 1
-        while h < p:                             # Walsh-Hadamard butterfly on the last axis
-            y = y.reshape(*y.shape[:-1], p // (2 * h), 2, h)
-            a, b = y[..., 0, :], y[..., 1, :]
-            y = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], m, p)
-            h *= 2
+    ct = torch.promote_types(x.dtype, torch.float32)
+    y = _sylvester(x.to(ct).reshape(*x.shape[:-1], m, p), p)
     if m > 1:                                    # (H_m ⊗ H_p): rows of x index (i, j) as i·p + j
         y = _dense(m, ct, str(y.device)).t() @ y
-    return (y.reshape(x.shape) / n ** 0.5).to(dtype)
+    return (y.reshape(x.shape) / n ** 0.5).to(x.dtype)
 
 
 def rotation_matrix(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:

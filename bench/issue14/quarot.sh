@@ -12,15 +12,12 @@
 #   UNROTATED=rtn: of the unrotated GPTQ-pipeline rows only RTN (default all: RTN, GPTQ, GPTQ + t2/t4)
 # then: python bench/issue10/summarize.py outputs/issue14 --time (--family w4a4 for the GPTQ rows)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/issue14}
-PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-: "${SPIKELLM_DATA_DIR:?set SPIKELLM_DATA_DIR}"
+source "$(dirname "$0")/common.sh"
 SEEDS=${SEEDS:-0 1 2}
 PARTS=${PARTS:-gptq omni}
 REGIME=${REGIME:-w4a4}
 UNROTATED=${UNROTATED:-all}
+case $UNROTATED in all|rtn) ;; *) echo "UNROTATED: all or rtn" >&2; exit 2 ;; esac
 UNROT_Q=$([ "$UNROTATED" = rtn ] && echo rtn || echo rtn,gptq)
 case $REGIME in
   w4a4)  W=4; A=4 ;;
@@ -29,7 +26,7 @@ case $REGIME in
   *) echo "REGIME: w4a4, w4a8 or w3a16" >&2; exit 2 ;;
 esac
 common="launcher=local logger=none progress=false paths.outputs=$OUT eval.seqlen=512 eval.max_windows=16 eval.datasets=[wikitext2]"
-G="experiment=quarot_w4a4 calib.nsamples=32 calib.seqlen=512 quant.wbits=$W quant.abits=$A"
+G="$QUAROT quant.wbits=$W quant.abits=$A"
 [ "$A" = 16 ] && G="$G quant.kv_bits=null"
 O="quant=omniquant quant.wbits=$W quant.abits=$A quant.epochs=2 calib.nsamples=8 calib.seqlen=256 quant.k_axis=token quant.let_lr=0.001 quant.alpha=0.75 quant.aug_loss=false"
 run() { $PY -m pipelines.run -m $common "$@"; }

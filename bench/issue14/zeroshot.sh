@@ -8,14 +8,10 @@
 # Run it on the store of quarot.sh (OUT=outputs/issue14) and the quantizations are reused.
 # then: python bench/issue10/summarize.py outputs/issue14 --family w4a4
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/issue14}
-PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-: "${SPIKELLM_DATA_DIR:?set SPIKELLM_DATA_DIR}"
+source "$(dirname "$0")/common.sh"
 SEEDS=${SEEDS:-0}
 ZS="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512 eval.tasks=[piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande] eval.limit=400"
-G="launcher=local logger=none progress=false paths.outputs=$OUT experiment=quarot_w4a4 calib.nsamples=32 calib.seqlen=512 quant.wbits=4 quant.abits=4"
+G="launcher=local logger=none progress=false paths.outputs=$OUT $QUAROT quant.wbits=4 quant.abits=4"
 for s in $SEEDS; do
   $PY -m pipelines.run -m $G calib.seed=$s rotate.seed=$s $ZS quant=gptq spiking=none
   $PY -m pipelines.run -m $G calib.seed=$s rotate.seed=$s spiking.seed=$s $ZS quant=gptq spiking=t2 spiking.select=saliency
