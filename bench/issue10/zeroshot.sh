@@ -16,7 +16,7 @@ OUT=${OUT:-outputs/issue10_zs}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 : "${SPIKELLM_DATA_DIR:?set SPIKELLM_DATA_DIR}"
-ZS="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512 eval.tasks=[piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande] eval.limit=400"
+source bench/common/zeroshot.sh  # ZS: the zero-shot protocol
 G="launcher=local logger=none progress=false paths.outputs=$OUT quant.group_size=64 calib.nsamples=32 calib.seqlen=512"
 O="launcher=local logger=none progress=false paths.outputs=$OUT quant=omniquant quant.wbits=4 quant.abits=4 quant.epochs=2 calib.nsamples=8 calib.seqlen=256 quant.k_axis=token quant.let_lr=0.001 quant.alpha=0.75 quant.aug_loss=false"
 GSEEDS=${GSEEDS-0 1 2}

@@ -10,7 +10,7 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 SEEDS=${SEEDS:-0}
-ZS="eval.split=test eval.datasets=[wikitext2] eval.max_windows=16 eval.seqlen=512 eval.tasks=[piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande] eval.limit=400"
+source bench/common/zeroshot.sh  # ZS: the zero-shot protocol
 G="launcher=local logger=none progress=false paths.outputs=$OUT $QUAROT quant.wbits=4 quant.abits=4"
 for s in $SEEDS; do
   $PY -m pipelines.run -m $G calib.seed=$s rotate.seed=$s $ZS quant=gptq spiking=none
